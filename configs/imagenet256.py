@@ -1,0 +1,56 @@
+"""ImageNet 256x256 on 32x32x4 SD-VAE latents, the paper's setting (PAPER.md section 5).
+
+    --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing
+    --config=configs/imagenet256.py:model=DiT-B/2,sparsity=masking
+    --config=configs/imagenet256.py:runlocal      (a tiny model that runs on a laptop CPU)
+
+Arguments: model (DiT-/SiT- S|B|L|XL /2|4|8), sparsity (dense|routing|masking), runlocal.
+"""
+
+import ml_collections
+
+from sgjax import config as config_lib
+from sgjax.models import dit
+
+# Route r2->24 for XL (28 blocks), r2->8 for B (12 blocks): TREAD's defaults, 0-based and
+# inclusive. Other depths keep the same proportions.
+ROUTES = {28: ((2, 24, 0.5),), 24: ((2, 20, 0.5),), 12: ((2, 8, 0.5),)}
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, model="SiT-XL/2", sparsity="routing", runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  size = dit.parse_model_name(arg["model"])
+  config.model = ml_collections.ConfigDict(dict(
+      name=arg["model"], input_size=32, in_channels=4, num_classes=1000, mlp_ratio=4.0,
+      sparsity=arg["sparsity"],
+      routes=ROUTES[size["depth"]] if arg["sparsity"] == "routing" else (),
+      mask_gamma=0.5,
+      # MaskDiT decoder, paper default.
+      decoder_depth=8, decoder_width=512, decoder_heads=16,
+      dtype="bfloat16", **size))
+
+  config.flow = ml_collections.ConfigDict(dict(
+      time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))
+
+  config.data = ml_collections.ConfigDict(dict(
+      source="latents", path="", image_size=32, flip=True, num_workers=8,
+      # SD-VAE (ft-EMA) latent scale: latents are stored unscaled and multiplied by this.
+      latent_scale=0.18215))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=256, steps=400_000, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
+      warmup_steps=0, grad_clip=0.0, ema_decay=0.9999,
+      log_every=100, ckpt_every=10_000, keep_ckpts=3, sample_every=0))
+
+  config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1))
+
+  if arg["runlocal"]:
+    config.model.update(depth=4, width=64, num_heads=4, input_size=8, patch_size=2,
+                        dtype="float32", decoder_depth=2, decoder_width=32, decoder_heads=4,
+                        routes=((1, 2, 0.5),) if arg["sparsity"] == "routing" else ())
+    config.train.update(batch_size=16, steps=20, log_every=5, ckpt_every=10)
+    config.data.update(num_workers=0)
+  return config

@@ -1,0 +1,354 @@
+"""DiT / SiT in Flax NNX, with TREAD routing and MaskDiT masking as static-shape gathers.
+
+One network serves both names: SiT is DiT trained with flow matching, which is how sgjax
+trains every model. Layout follows DiT (Peebles & Xie, 2023): patch embedding, fixed 2D sin-cos
+positions, timestep-frequency and class embeddings (one extra "null" class for guidance
+dropout), adaLN-Zero blocks, and a zero-initialised final layer.
+
+Every parameter carries logical sharding axes (see `sgjax/sharding.py` for the rules that map
+them to mesh axes): `embed` (model width), `mlp` (MLP hidden), `heads` (attention q/k/v
+features), `adaln` (modulation outputs), `classes`, `patch` (pixels of one patch), `freq`.
+
+Token sparsity enters through `subsets`, drawn by `DiT.draw_subsets` from an explicit key:
+one `TokenSubset` (or None = all tokens) per route for routing, a single one for masking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgjax import sparsity
+from sgjax.sparsity import Route, TokenSubset
+
+SPARSITY_MODES = ("dense", "routing", "masking")
+# name -> (depth, width, heads), the standard DiT table.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+TIME_FREQUENCIES = 256
+# The network sees t * TIME_SCALE (t in [0, 1]), so the frequency embedding resolves time as
+# finely as DiT's integer timesteps 0..999 do.
+TIME_SCALE = 1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Architecture and sparsity of one DiT/SiT. Fields are plain values (JSON-able)."""
+
+  input_size: int = 32  # H = W of the (latent) image
+  in_channels: int = 4
+  patch_size: int = 2
+  width: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000  # label `num_classes` is the null class
+  sparsity: str = "dense"  # dense | routing | masking
+  routes: tuple[Route, ...] = ()  # routing: training routes (start, end, gamma)
+  mask_gamma: float = 0.5  # masking: training sparsity rate
+  decoder_depth: int = 8  # masking: MaskDiT decoder
+  decoder_width: int = 512
+  decoder_heads: int = 16
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size**2 * self.in_channels
+
+  def validate(self, prefix: str = "model") -> "DiTConfig":
+    """Raises ValueError naming the field and value of the first invalid setting."""
+    positive = ("input_size", "in_channels", "patch_size", "width", "depth", "num_heads",
+                "num_classes")
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{prefix}.{name}={getattr(self, name)!r} must be positive.")
+    if self.input_size % self.patch_size:
+      raise ValueError(f"{prefix}.patch_size={self.patch_size} does not divide"
+                       f" {prefix}.input_size={self.input_size}.")
+    if self.width % self.num_heads:
+      raise ValueError(f"{prefix}.num_heads={self.num_heads} does not divide"
+                       f" {prefix}.width={self.width}.")
+    if self.sparsity not in SPARSITY_MODES:
+      raise ValueError(f"{prefix}.sparsity={self.sparsity!r}: choose one of {SPARSITY_MODES}.")
+    if self.sparsity == "routing":
+      if not self.routes:
+        raise ValueError(f"{prefix}.routes is empty: routing needs at least one route"
+                         " (start, end, gamma).")
+      sparsity.check_routes(self.routes, self.depth, f"{prefix}.routes")
+    elif self.routes:
+      raise ValueError(f"{prefix}.routes={self.routes!r} is set but {prefix}.sparsity="
+                       f"{self.sparsity!r}; routes apply only to sparsity='routing'.")
+    if self.sparsity == "masking":
+      sparsity.check_gamma(self.mask_gamma, f"{prefix}.mask_gamma")
+      if self.decoder_depth <= 0 or self.decoder_width <= 0:
+        raise ValueError(f"{prefix}.decoder_depth/decoder_width must be positive for masking.")
+      if self.decoder_width % self.decoder_heads:
+        raise ValueError(f"{prefix}.decoder_heads={self.decoder_heads} does not divide"
+                         f" {prefix}.decoder_width={self.decoder_width}.")
+    return self
+
+
+def parse_model_name(name: str) -> dict[str, int]:
+  """'SiT-XL/2' or 'DiT-B/4' -> {'depth', 'width', 'num_heads', 'patch_size'}."""
+  match = re.fullmatch(r"(?:DiT|SiT)-(S|B|L|XL)/(\d+)", name)
+  if not match:
+    raise ValueError(f"model name {name!r}: expected DiT-<size>/<patch> or SiT-<size>/<patch>"
+                     f" with size in {sorted(SIZES)}, e.g. 'SiT-XL/2'.")
+  depth, width, heads = SIZES[match.group(1)]
+  return dict(depth=depth, width=width, num_heads=heads, patch_size=int(match.group(2)))
+
+
+def _axes(*names: str | None) -> dict:
+  # Parameters record their logical axes; placement happens in a jitted init with explicit
+  # out_shardings (sgjax.sharding), so variables are not sharded eagerly at creation.
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def _linear(d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs, dtype, init=xavier_uniform):
+  return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=init, kernel_metadata=_axes(*axes),
+                    bias_metadata=_axes(axes[1]), rngs=rngs)
+
+
+def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Statistics in float32 whatever the compute dtype.
+  return nnx.LayerNorm(width, epsilon=1e-6, use_bias=False, use_scale=False,
+                       dtype=jnp.float32, rngs=rngs)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def sincos_pos_embed(width: int, grid_size: int) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding (as in MAE/DiT) -> [grid_size**2, width]."""
+  if width % 4:
+    raise ValueError(f"width={width} must be divisible by 4 for 2D sin-cos positions.")
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4.0))
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+
+  def embed_1d(pos):
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  # DiT's order: the first half encodes the column (w), the second the row (h).
+  return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t: jax.Array, dim: int = TIME_FREQUENCIES) -> jax.Array:
+  """t: [B] in [0, 1] -> [B, dim] cos/sin features of t * TIME_SCALE."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * TIME_SCALE)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, N, p * p * C] in row-major patch order."""
+  b, h, w, c = x.shape
+  p = patch_size
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
+  """[B, N, p * p * C] -> [B, H, W, C]; the inverse of `patchify`."""
+  b, n, _ = x.shape
+  g = int(round(n**0.5))
+  p = patch_size
+  x = x.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * p, g * p, channels)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.q = _linear(width, width, ("embed", "heads"), rngs, dtype)
+    self.k = _linear(width, width, ("embed", "heads"), rngs, dtype)
+    self.v = _linear(width, width, ("embed", "heads"), rngs, dtype)
+    self.proj = _linear(width, width, ("heads", "embed"), rngs, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, D]
+    b, n, d = x.shape
+    split = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads)
+    out = jax.nn.dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+    return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, width: int, hidden: int, dtype, rngs: nnx.Rngs):
+    self.fc1 = _linear(width, hidden, ("embed", "mlp"), rngs, dtype)
+    self.fc2 = _linear(hidden, width, ("mlp", "embed"), rngs, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class Block(nnx.Module):
+  """adaLN-Zero transformer block; `cond_width` is the width of the conditioning vector."""
+
+  def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int, dtype,
+               rngs: nnx.Rngs):
+    self.norm1 = _layer_norm(width, rngs)
+    self.attn = Attention(width, num_heads, dtype, rngs)
+    self.norm2 = _layer_norm(width, rngs)
+    self.mlp = Mlp(width, int(width * mlp_ratio), dtype, rngs)
+    self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:  # x: [B, N, D], c: [B, Dc]
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, -1)
+    x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1)).astype(x.dtype)
+    return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2)).astype(x.dtype)
+
+
+class FinalLayer(nnx.Module):
+
+  def __init__(self, width: int, cond_width: int, patch_dim: int, dtype, rngs: nnx.Rngs):
+    self.norm = _layer_norm(width, rngs)
+    self.adaln = _linear(cond_width, 2 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
+    self.linear = _linear(width, patch_dim, ("embed", "patch"), rngs, dtype, init=zeros)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.adaln(jax.nn.silu(c)), 2, -1)
+    return self.linear(_modulate(self.norm(x), shift, scale))
+
+
+class MaskDecoder(nnx.Module):
+  """MaskDiT decoder: full sequence, learned mask token at dropped positions."""
+
+  def __init__(self, cfg: DiTConfig, dtype, rngs: nnx.Rngs):
+    self.embed = _linear(cfg.width, cfg.decoder_width, ("embed", None), rngs, dtype)
+    self.mask_token = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.decoder_width)),
+        **_axes(None, None, "embed"))
+    self.blocks = nnx.List([
+        Block(cfg.decoder_width, cfg.decoder_heads, cfg.mlp_ratio, cfg.width, dtype, rngs)
+        for _ in range(cfg.decoder_depth)])
+    self.grid_size = cfg.grid_size
+
+  def __call__(self, h: jax.Array, c: jax.Array, subset: TokenSubset | None) -> jax.Array:
+    h = self.embed(h)  # [B, K, Dd]
+    if subset is not None:
+      b, dropped = h.shape[0], subset.num_tokens - subset.num_kept
+      mask = jnp.broadcast_to(self.mask_token[...].astype(h.dtype), (b, dropped, h.shape[-1]))
+      h = sparsity.merge(h, mask, subset)
+    h = h + sincos_pos_embed(h.shape[-1], self.grid_size).astype(h.dtype)
+    for block in self.blocks:
+      h = block(h, c)
+    return h
+
+
+class DiT(nnx.Module):
+  """v_theta(x_t, t, y): [B, H, W, C], [B], [B] int -> velocity [B, H, W, C]."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.dtype)
+    w = cfg.width
+    self.patch_embed = _linear(cfg.patch_dim, w, ("patch", "embed"), rngs, dtype)
+    normal = nnx.initializers.normal(0.02)
+    self.t_mlp1 = _linear(TIME_FREQUENCIES, w, ("freq", "embed"), rngs, dtype, init=normal)
+    self.t_mlp2 = _linear(w, w, ("mlp", "embed"), rngs, dtype, init=normal)
+    self.y_embed = nnx.Embed(cfg.num_classes + 1, w, dtype=dtype, embedding_init=normal,
+                             embedding_metadata=_axes("classes", "embed"), rngs=rngs)
+    self.blocks = nnx.List([Block(w, cfg.num_heads, cfg.mlp_ratio, w, dtype, rngs)
+                            for _ in range(cfg.depth)])
+    if cfg.sparsity == "masking":
+      self.decoder = MaskDecoder(cfg, dtype, rngs)
+      self.final = FinalLayer(cfg.decoder_width, w, cfg.patch_dim, dtype, rngs)
+    else:
+      self.decoder = None
+      self.final = FinalLayer(w, w, cfg.patch_dim, dtype, rngs)
+
+  def draw_subsets(self, key: jax.Array, batch_size: int,
+                   gamma: float | None = None) -> tuple[TokenSubset | None, ...]:
+    """Random token subsets for one forward pass.
+
+    gamma=None uses the training rates of the config; a float applies that rate to every
+    route (the test-time knob). A rate that keeps every token gives None: no gather at all.
+    """
+    return draw_subsets(self.cfg, key, batch_size, gamma)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
+               subsets: Sequence[TokenSubset | None] = ()) -> jax.Array:
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    h = self.patch_embed(patchify(x.astype(dtype), cfg.patch_size))
+    h = h + sincos_pos_embed(cfg.width, cfg.grid_size).astype(dtype)
+    c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t).astype(dtype))))
+    c = c + self.y_embed(y)
+    if cfg.sparsity == "masking":
+      subset = subsets[0] if subsets else None
+      if subset is not None:
+        h = sparsity.gather(h, subset.keep)
+      for block in self.blocks:
+        h = block(h, c)
+      h = self.decoder(h, c, subset)
+    else:
+      h = self._routed_blocks(h, c, subsets)
+    out = self.final(h, c).astype(jnp.float32)
+    return unpatchify(out, cfg.patch_size, cfg.in_channels)
+
+  def _routed_blocks(self, h, c, subsets):
+    routes = self.cfg.routes if subsets else ()
+    by_start = {route.start: (route, subset) for route, subset in zip(routes, subsets)}
+    i = 0
+    while i < len(self.blocks):
+      route, subset = by_start.get(i, (None, None))
+      if subset is None:
+        h = self.blocks[i](h, c)
+        i += 1
+        continue
+      # TREAD: blocks start..end see the kept tokens; the others skip them unchanged.
+      kept, skipped = sparsity.gather(h, subset.keep), sparsity.gather(h, subset.drop)
+      for j in range(route.start, route.end + 1):
+        kept = self.blocks[j](kept, c)
+      h = sparsity.merge(kept, skipped, subset)
+      i = route.end + 1
+    return h
+
+
+def route_rates(cfg: DiTConfig, gamma: float | None) -> tuple[float, ...]:
+  """The sparsity rate of each route (routing) or of the encoder (masking) for one pass."""
+  if cfg.sparsity == "routing":
+    return tuple(route.gamma if gamma is None else gamma for route in cfg.routes)
+  if cfg.sparsity == "masking":
+    return (cfg.mask_gamma if gamma is None else gamma,)
+  if gamma:
+    raise ValueError(f"gamma={gamma}: a dense model (model.sparsity='dense') has no route to"
+                     " apply a sparsity rate to; use a routing or masking model.")
+  return ()
+
+
+def draw_subsets(cfg: DiTConfig, key: jax.Array, batch_size: int,
+                 gamma: float | None = None) -> tuple[TokenSubset | None, ...]:
+  """See `DiT.draw_subsets`."""
+  subsets = []
+  for i, rate in enumerate(route_rates(cfg, gamma)):
+    if sparsity.num_kept(cfg.num_tokens, rate) == cfg.num_tokens:
+      subsets.append(None)
+    else:
+      subsets.append(sparsity.random_subset(jax.random.fold_in(key, i), batch_size,
+                                            cfg.num_tokens, rate))
+  return tuple(subsets)

@@ -1,0 +1,153 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sgjax import config as config_lib
+from sgjax import sharding, sparsity
+from sgjax.models import dit
+from sgjax.sparsity import Route
+from tests.helpers import batch, perturbed_model, tiny_config
+
+
+def full_subset(key, cfg, size):
+  """A random permutation that keeps every token: exercises gather/merge at K = N."""
+  return sparsity.random_subset(key, size, cfg.num_tokens, 0.0)
+
+
+def test_routing_gamma_zero_is_exactly_the_dense_forward():
+  routed = perturbed_model(tiny_config("routing"))
+  dense = perturbed_model(tiny_config("dense"))  # same seed: same parameters
+  x, t, y = batch(routed.cfg)
+  subsets = routed.draw_subsets(jax.random.key(0), 8, gamma=0.0)
+  assert subsets == (None,)
+  np.testing.assert_array_equal(routed(x, t, y, subsets), dense(x, t, y))
+  # The gather/merge path with every token kept agrees too (to float summation order).
+  np.testing.assert_allclose(routed(x, t, y, (full_subset(jax.random.key(1), routed.cfg, 8),)),
+                             dense(x, t, y), atol=1e-5)
+
+
+def test_masking_gamma_zero_is_exactly_the_dense_forward():
+  model = perturbed_model(tiny_config("masking"))
+  x, t, y = batch(model.cfg)
+  subsets = model.draw_subsets(jax.random.key(0), 8, gamma=0.0)
+  assert subsets == (None,)
+  np.testing.assert_array_equal(model(x, t, y, subsets), model(x, t, y))
+  np.testing.assert_allclose(model(x, t, y, (full_subset(jax.random.key(1), model.cfg, 8),)),
+                             model(x, t, y), atol=1e-5)
+
+
+def test_sparse_forward_depends_on_the_tokens_kept():
+  for mode in ("routing", "masking"):
+    model = perturbed_model(tiny_config(mode))
+    x, t, y = batch(model.cfg)
+    a = model(x, t, y, model.draw_subsets(jax.random.key(0), 8, gamma=0.5))
+    b = model(x, t, y, model.draw_subsets(jax.random.key(0), 8, gamma=0.5))
+    c = model(x, t, y, model.draw_subsets(jax.random.key(1), 8, gamma=0.5))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a - c)).max() > 1e-4
+    assert np.abs(np.asarray(a - model(x, t, y))).max() > 1e-4
+
+
+def test_routed_blocks_see_only_kept_tokens_and_skipped_tokens_pass_unchanged():
+  # Route to the last block so nothing runs after it: skipped tokens must leave the
+  # blocks exactly as they entered the route.
+  cfg = tiny_config("routing", routes=(Route(1, 3, 0.5),))
+  model = perturbed_model(cfg)
+  x, t, y = batch(cfg)
+  subset = sparsity.random_subset(jax.random.key(5), 8, cfg.num_tokens, 0.5)
+  h = jax.random.normal(jax.random.key(6), (8, cfg.num_tokens, cfg.width))
+  c = jax.random.normal(jax.random.key(7), (8, cfg.width))
+  out = model._routed_blocks(h, c, (subset,))
+  before_route = model.blocks[0](h, c)
+  np.testing.assert_array_equal(sparsity.gather(out, subset.drop),
+                                sparsity.gather(before_route, subset.drop))
+  kept = sparsity.gather(before_route, subset.keep)
+  for block in model.blocks[1:]:
+    kept = block(kept, c)
+  np.testing.assert_allclose(sparsity.gather(out, subset.keep), kept, atol=1e-6)
+
+
+def test_dit_xl2_has_675m_parameters_counted_abstractly():
+  cfg = dit.DiTConfig(**dit.parse_model_name("DiT-XL/2"))
+  abstract = nnx.eval_shape(lambda: dit.DiT(cfg, rngs=nnx.Rngs(0)))
+  count = sum(p.size for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert abs(count - 675e6) / 675e6 < 0.01, count
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("SiT-XL/2", dict(depth=28, width=1152, num_heads=16, patch_size=2)),
+    ("DiT-L/4", dict(depth=24, width=1024, num_heads=16, patch_size=4)),
+    ("DiT-B/8", dict(depth=12, width=768, num_heads=12, patch_size=8)),
+    ("SiT-S/2", dict(depth=12, width=384, num_heads=6, patch_size=2)),
+])
+def test_model_names_accept_dit_and_sit_prefixes(name, expected):
+  assert dit.parse_model_name(name) == expected
+
+
+def test_zero_initialised_model_outputs_zero_velocity():
+  # adaLN-Zero: every residual branch and the final layer start at zero.
+  model = dit.DiT(tiny_config("masking"), rngs=nnx.Rngs(0))
+  x, t, y = batch(model.cfg)
+  np.testing.assert_array_equal(model(x, t, y), np.zeros_like(x))
+
+
+def test_sharded_forward_over_8_devices_matches_one_device():
+  cfg = tiny_config("routing")
+  mesh = sharding.make_mesh("fsdp_tensor", tensor=2)
+  sharded = sharding.init_sharded(lambda: perturbed_model(cfg), mesh, "fsdp_tensor")
+  kernel = sharded.blocks[0].mlp.fc1.kernel[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  local = perturbed_model(cfg)
+  x, t, y = batch(cfg)
+  subsets = local.draw_subsets(jax.random.key(0), 8)
+  expected = local(x, t, y, subsets)
+
+  graphdef, state = nnx.split(sharded)
+
+  @jax.jit
+  def forward(state, x, t, y, subsets):
+    return nnx.merge(graphdef, state)(x, t, y, subsets)
+
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
+  out = forward(state, put(x), put(t), put(y), subsets)
+  assert len(out.sharding.device_set) == 8
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(patch_size=3), "patch_size=3 does not divide"),
+    (dict(routes=(Route(1, 4, 0.5),)), r"routes\[0\]"),
+    (dict(routes=(Route(0, 2, 0.5), Route(2, 3, 0.5))), "overlaps"),
+    (dict(routes=(Route(0, 2, -0.5),)), "gamma"),
+    (dict(sparsity="sparse"), "sparsity='sparse'"),
+    (dict(num_heads=5), "num_heads=5"),
+])
+def test_invalid_model_settings_raise_value_error_naming_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(tiny_config("routing"), **overrides).validate()
+
+
+def test_masking_gamma_outside_range_raises():
+  with pytest.raises(ValueError, match="mask_gamma"):
+    tiny_config("masking", mask_gamma=1.0).validate()
+  model = dit.DiT(tiny_config("masking"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="gamma"):
+    model.draw_subsets(jax.random.key(0), 2, gamma=1.2)
+
+
+def test_config_files_build_valid_models():
+  from configs import imagenet256  # pylint: disable=g-import-not-at-top
+  for arg in ("model=SiT-XL/2,sparsity=routing", "model=DiT-B/2,sparsity=masking",
+              "model=DiT-B/2,sparsity=routing", "runlocal"):
+    cfg = config_lib.model_config(imagenet256.get_config(arg).model)
+    assert cfg.num_tokens in (256, 16)
+  xl = config_lib.model_config(imagenet256.get_config("model=SiT-XL/2").model)
+  assert xl.routes == (Route(2, 24, 0.5),) and xl.depth == 28
+  b = config_lib.model_config(imagenet256.get_config("model=DiT-B/2").model)
+  assert b.routes == (Route(2, 8, 0.5),)
+  with pytest.raises(ValueError, match="unknown"):
+    imagenet256.get_config("modle=SiT-XL/2")
