@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from sgjax import flow
 from sgjax.models import dit
 from sgjax.sparsity import Route
 
@@ -49,3 +50,61 @@ def model_config(model: Mapping[str, Any]) -> dit.DiTConfig:
     routes.append(Route(int(route[0]), int(route[1]), float(route[2])))
   fields["routes"] = tuple(routes)
   return dit.DiTConfig(**fields).validate()
+
+
+# Fields that may differ when a run resumes from its workdir (logged, not refused).
+RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+                    "train.sample_every", "data.num_workers", "data.path", "data.data_dir")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; sequences become lists (as after a JSON round trip)."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = _jsonable(value)
+  return out
+
+
+def _jsonable(value):
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """Compares the config a workdir was trained with against the current one.
+
+  Returns the allowed changes as readable lines; raises ValueError for any other.
+  """
+  old, new = flatten(saved), flatten(current)
+  changes, refused = [], []
+  for name in sorted(set(old) | set(new)):
+    if old.get(name, "<absent>") == new.get(name, "<absent>"):
+      continue
+    line = f"{name}: {old.get(name, '<absent>')!r} -> {new.get(name, '<absent>')!r}"
+    (changes if name in RESUMABLE_FIELDS else refused).append(line)
+  if refused:
+    raise ValueError(
+        "the workdir holds a run with a different config; refusing to mix them. Use another"
+        " --workdir, or restore the original settings. Differences:\n  " + "\n  ".join(refused))
+  return changes
+
+
+def validate(config) -> None:
+  """Checks a full training config before anything is compiled."""
+  model_config(config.model)
+  flow.LossConfig(**config.flow).validate()
+  train = config.train
+  for name in ("batch_size", "steps", "log_every", "ckpt_every", "keep_ckpts"):
+    if train[name] <= 0:
+      raise ValueError(f"train.{name}={train[name]!r} must be positive.")
+  if train.lr <= 0:
+    raise ValueError(f"train.lr={train.lr!r} must be positive.")
+  if not 0.0 <= train.ema_decay < 1.0:
+    raise ValueError(f"train.ema_decay={train.ema_decay!r} must lie in [0, 1).")
+  if train.get("lr_schedule", "constant") not in ("constant", "cosine"):
+    raise ValueError(f"train.lr_schedule={train.lr_schedule!r}: choose constant or cosine.")

@@ -1,0 +1,104 @@
+"""Orbax checkpoints of a run: params, EMA, optimizer state, data-iterator state, config.
+
+Layout: WORKDIR/checkpoints/<step>/{params,ema,opt_state,data,config}. Orbax writes each
+step into a temporary directory and renames it only when complete, so the latest visible
+checkpoint is always whole; a run killed mid-save resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sgjax import config as config_lib
+from sgjax import sharding, train_state
+from sgjax.models import dit
+
+STATE_ITEMS = ("params", "ema", "opt_state")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Saves and restores train states (async saves, keeps the newest `keep`)."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self._manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: train_state.State, data_iter, config_dict: dict) -> None:
+    items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    items["config"] = ocp.args.JsonSave(config_dict)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract: train_state.State, data_iter) -> train_state.State:
+    """Restores into the shardings of `abstract` (any mesh) and rewinds `data_iter`."""
+    items = {name: ocp.args.StandardRestore(abstract[name]) for name in STATE_ITEMS}
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    state = {name: restored[name] for name in STATE_ITEMS}
+    step_sharding = abstract["step"].sharding
+    state["step"] = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), step_sharding)
+    return state
+
+  def restore_item(self, step: int, name: str, abstract: Any) -> Any:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(abstract)}))[name]
+
+  def restore_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def load_model(workdir: str, step: int | None = None, ema: bool = True,
+               mesh: jax.sharding.Mesh | None = None,
+               preset: str = "data") -> tuple[dit.DiT, dict, int]:
+  """The model of a training run -> (model, config dict, step).
+
+  Restores only the EMA (default) or raw parameters, sharded by `preset` over `mesh`
+  (default: replicated over all devices, as sampling wants).
+  """
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"--workdir={workdir!r} holds no checkpoints/ folder: train a"
+                            " model there first (python -m sgjax.train --workdir=...).")
+  ckpt = Checkpointer(workdir, async_save=False)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"--workdir={workdir!r} holds no complete checkpoint yet.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"--step={step}: no checkpoint at that step in {workdir!r};"
+                            f" available: {sorted(steps)}.")
+  config = ckpt.restore_config(step)
+  model_cfg = config_lib.model_config(config["model"])
+  mesh = mesh or sharding.make_mesh(preset)
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(
+      train_state.make_model_fn(model_cfg, config["seed"])))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, preset))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract_params), shardings)
+  params = ckpt.restore_item(step, "ema" if ema else "params", target)
+  ckpt.close()
+  return nnx.merge(graphdef, params), config, step

@@ -1,0 +1,147 @@
+"""Random-access data sources. Each item is {"image": float32 [H, W, C] in model units,
+"label": int32}: pixels scaled to [-1, 1], latents multiplied by their scale.
+
+- `digits`: scikit-learn's bundled handwritten digits (1797 images 8x8, 10 classes; no
+  download). A fixed split holds out 297 digits for evaluation; training uses the other 1500.
+- `tfds`: any image-classification dataset prepared with tensorflow-datasets, read through
+  `tfds.data_source` (ArrayRecord, random access, no TensorFlow needed).
+- `latents`: precomputed VAE latents in ArrayRecord shards. Record schema: each record is the
+  bytes of an uncompressed `.npz` (`np.savez`) holding `latent` (float16 or float32
+  [H, W, C], unscaled VAE latent) and `label` (int scalar). See `encode_latent_record`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+
+import numpy as np
+
+DIGITS_HELDOUT = 297
+DIGITS_SPLIT_SEED = 0
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """('train' | 'heldout') -> uint8 images [N, 8, 8, 1] (ink bright) and int32 labels [N].
+
+  Pixels are round(v / 16 * 255) of scikit-learn's 0..16 values. The split is a fixed
+  permutation (seed 0): the last 297 digits are held out, the first 1500 train.
+  """
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
+  if split == "train":
+    idx = perm[:-DIGITS_HELDOUT]
+  elif split == "heldout":
+    idx = perm[-DIGITS_HELDOUT:]
+  else:
+    raise ValueError(f"data.split={split!r}: the digits have splits 'train' and 'heldout'.")
+  return images[idx], labels[idx]
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., H, W, C] -> float32 in [-1, 1]."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+  """float [-1, 1] -> uint8, clipped."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+      np.uint8)
+
+
+class ArraySource:
+  """In-memory images (model units) and labels."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
+
+
+class TfdsSource:
+  """A tensorflow-datasets image dataset, center-cropped and resized to `image_size`."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None, image_size: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not os.path.isdir(builder.data_dir) or not builder.info.splits:
+      raise FileNotFoundError(
+          f"tfds dataset {name!r} is not prepared under {builder.data_dir!r}. Prepare it once"
+          f" on a machine with network access (`tfds build {name} --data_dir=DIR"
+          " --file_format=array_record`), copy DIR here and pass --config.data.data_dir=DIR."
+          " sgjax never downloads at training time.")
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    self.image_size = image_size
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i):
+    item = self._source[i]
+    image = _center_crop_resize(np.asarray(item["image"]), self.image_size)
+    return {"image": from_uint8(image), "label": np.int32(item["label"])}
+
+
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  crop = image[top:top + side, left:left + side]
+  squeeze = crop.ndim == 3 and crop.shape[-1] == 1
+  pil = Image.fromarray(crop[..., 0] if squeeze else crop)
+  out = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+  return out[..., None] if squeeze else out
+
+
+def encode_latent_record(latent: np.ndarray, label: int) -> bytes:
+  """One ArrayRecord record of the `latents` source."""
+  buf = io.BytesIO()
+  np.savez(buf, latent=latent, label=np.int32(label))
+  return buf.getvalue()
+
+
+class LatentSource:
+  """Precomputed latents from ArrayRecord shards matching a glob pattern."""
+
+  def __init__(self, pattern: str, scale: float):
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+      raise FileNotFoundError(
+          f"data.path={pattern!r} matches no ArrayRecord shard. Encode the dataset to latents"
+          " first (records as documented in sgjax/data/sources.py) and point data.path at"
+          " them, e.g. --config.data.path='/data/imagenet256_latents/train-*.array_record'.")
+    import grain  # pylint: disable=g-import-not-at-top
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+    self.scale = scale
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i):
+    record = np.load(io.BytesIO(self._source[i]))
+    latent = record["latent"].astype(np.float32) * self.scale
+    return {"image": latent, "label": np.int32(record["label"])}
+
+
+def make_source(data_cfg, split: str = "train"):
+  """The source named by config.data (source, path, name, data_dir, image_size...)."""
+  kind = data_cfg.source
+  if kind == "digits":
+    images, labels = digits_split(split)
+    return ArraySource(from_uint8(images), labels)
+  if kind == "tfds":
+    return TfdsSource(data_cfg.name, split, data_cfg.get("data_dir"), data_cfg.image_size)
+  if kind == "latents":
+    return LatentSource(data_cfg.path, data_cfg.latent_scale)
+  raise ValueError(f"data.source={kind!r}: choose one of 'digits', 'tfds', 'latents'.")

@@ -1,0 +1,164 @@
+"""Training entry point.
+
+    python -m sgjax.train --config=configs/digits.py --workdir=runs/digits
+    python -m sgjax.train --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing \
+        --workdir=gs://bucket/sit_xl --config.data.path='/data/latents/train-*'
+
+Starting again with the same workdir resumes from its latest checkpoint. SIGTERM / SIGINT
+(pod preemption, Ctrl-C) save a checkpoint and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sgjax import checkpoint, config as config_lib, flow, logs, sharding, train_state
+from sgjax.data import pipeline, sources
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file: configs/NAME.py[:arg].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config.json).")
+
+
+class Preemption:
+  """Turns the first SIGTERM/SIGINT into a request to checkpoint and stop."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second signal: stop now
+      raise KeyboardInterrupt
+    logging.warning("received %s: saving a checkpoint and stopping",
+                    signal.Signals(signum).name)
+    self.requested = True
+
+
+def prepare_workdir(config, workdir: str) -> None:
+  """Refuses a workdir that holds another run; writes the resolved config.json."""
+  path = os.path.join(workdir, "config.json")
+  current = config.to_dict()
+  if os.path.exists(path) and checkpoint.Checkpointer(workdir).latest_step() is not None:
+    with open(path) as f:
+      for change in config_lib.resume_changes(json.load(f), current):
+        logging.info("resuming with a changed setting: %s", change)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(current, f, indent=2, default=list)
+    os.replace(path + ".tmp", path)
+
+
+def check_batch(batch_size: int, mesh) -> None:
+  dp = sharding.data_parallel_size(mesh)
+  if batch_size % dp or batch_size % jax.process_count():
+    raise ValueError(
+        f"train.batch_size={batch_size} is not divisible by the data-parallel size {dp}"
+        f" (mesh {dict(mesh.shape)}) and the {jax.process_count()} processes; choose a"
+        f" multiple of {dp * jax.process_count() // np.gcd(dp, jax.process_count())}.")
+
+
+def train(config, workdir: str, devices=None) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir` on `devices` (default: all); returns the last
+  logged metrics."""
+  # Everything that can fail on bad input fails here, before any compilation.
+  config_lib.validate(config)
+  model_cfg = config_lib.model_config(config.model)
+  loss_cfg = flow.LossConfig(**config.flow)
+  optim_cfg = train_state.OptimConfig.from_train_config(config.train)
+  mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices)
+  check_batch(config.train.batch_size, mesh)
+  prepare_workdir(config, workdir)
+  source = sources.make_source(config.data, "train")
+  data_iter = pipeline.make_iterator(
+      source, batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
+      flip=config.data.flip, num_workers=config.data.num_workers,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  # Abstract init -> shardings -> state, fresh or restored.
+  tx = train_state.make_optimizer(optim_cfg)
+  graphdef, abstract, shardings = train_state.abstract_state(
+      model_cfg, tx, mesh, config.mesh.preset, config.seed)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  start = ckpt.latest_step()
+  if start is None:
+    start = 0
+    state = train_state.init_state(model_cfg, tx, shardings, config.seed)
+  else:
+    logging.info("resuming from the checkpoint at step %d", start)
+    state = ckpt.restore(start, abstract, data_iter)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      train_state.make_train_step(graphdef, tx, loss_cfg, optim_cfg.ema_decay,
+                                  jax.random.fold_in(jax.random.key(config.seed), 1)),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+  logger = logs.MetricLogger(workdir, start_step=start, total_steps=config.train.steps,
+                             batch_size=config.train.batch_size,
+                             tokens_per_image=model_cfg.num_tokens,
+                             enabled=jax.process_index() == 0)
+  preemption = Preemption()
+  pending, last = [], {}
+  last_saved = start
+  try:
+    for step in range(start + 1, config.train.steps + 1):
+      local = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in local.items()}
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      stop = preemption.requested or step == config.train.steps
+      save = stop or step % config.train.ckpt_every == 0
+      if save or step % config.train.log_every == 0:
+        last = _summarise(jax.device_get(pending), step, last_saved)
+        pending = []
+        logger.write(step, last)
+      if save:
+        ckpt.save(step, state, data_iter, config.to_dict())
+        last_saved = step
+      if preemption.requested:
+        logging.warning("stopped at step %d with a checkpoint; run the same command to resume",
+                        step)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    logger.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  return last
+
+
+def _summarise(metrics: list[dict], step: int, last_saved: int) -> dict[str, float]:
+  summary = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+  bad = sorted(k for k, v in summary.items() if not np.isfinite(v))
+  if bad:
+    raise FloatingPointError(
+        f"{', '.join(bad)} became non-finite by step {step}; the last good checkpoint"
+        f" (step {last_saved}) is kept. Lower train.lr or set train.grad_clip, then resume.")
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
+  train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

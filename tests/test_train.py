@@ -1,0 +1,144 @@
+"""Training: resume, sharding invariance, checkpoints across topologies, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from sgjax import checkpoint, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def runlocal(**train_overrides):
+  config = digits.get_config("runlocal")
+  config.train.update(train_overrides)
+  return config
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_fsdp_8_devices_match_1_device_and_checkpoints_move_between_them(tmp_path):
+  config = runlocal(steps=8, ckpt_every=4)
+  config.mesh.preset = "fsdp"
+  one = jax.devices()[:1]
+  reference = str(tmp_path / "eight")  # 8 devices throughout
+  train.train(config, reference)
+  expected = losses(reference)
+  assert sorted(expected) == list(range(1, 9))
+  # 1 device for 4 steps: the same losses as 8 devices; then resumed on 8 devices.
+  up = str(tmp_path / "one_then_eight")
+  train.train(_with(config, steps=4), up, devices=one)
+  np.testing.assert_allclose([losses(up)[s] for s in range(1, 5)],
+                             [expected[s] for s in range(1, 5)], atol=1e-5)
+  train.train(config, up)
+  # 8 devices for 4 steps, then resumed on 1 device.
+  down = str(tmp_path / "eight_then_one")
+  train.train(_with(config, steps=4), down)
+  train.train(config, down, devices=one)
+  for workdir in (up, down):
+    got = losses(workdir)
+    np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), atol=1e-5)
+  model, saved_config, step = checkpoint.load_model(down)
+  assert step == 8 and saved_config["model"]["width"] == config.model.width
+  assert model.cfg.sparsity == "routing"
+
+
+def _with(config, **train_overrides):
+  config = config.copy_and_resolve_references()
+  config.train.update(train_overrides)
+  return config
+
+
+def run_cli(workdir, *flags, wait=True):
+  cmd = [sys.executable, "-m", "sgjax.train", "--config=configs/digits.py:runlocal",
+         f"--workdir={workdir}", *flags]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if wait:
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+  return proc
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+  steps = ["--config.train.steps=40", "--config.train.ckpt_every=1000"]
+  code, out = run_cli(tmp_path / "straight", *steps)
+  assert code == 0, out
+  interrupted = tmp_path / "interrupted"
+  proc = run_cli(interrupted, *steps, wait=False)
+  metrics = interrupted / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  stopped_at = checkpoint.Checkpointer(str(interrupted)).latest_step()
+  assert 10 <= stopped_at < 40, out  # saved where it stopped, not at a scheduled step
+  code, out = run_cli(interrupted, *steps)
+  assert code == 0, out
+  resumed, reference = losses(interrupted), losses(tmp_path / "straight")
+  assert sorted(resumed) == sorted(reference) == list(range(1, 41))
+  assert [resumed[s] for s in reference] == [reference[s] for s in reference]
+
+
+def test_unknown_config_field_fails_before_training(tmp_path):
+  code, out = run_cli(tmp_path / "w", "--config.train.bogus=1")
+  assert code != 0 and "bogus" in out
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_missing_dataset_fails_fast_with_instructions(tmp_path):
+  config = runlocal()
+  config.data.update(source="latents", path=str(tmp_path / "nothing-*.array_record"))
+  with pytest.raises(FileNotFoundError, match="matches no ArrayRecord shard"):
+    train.train(config, str(tmp_path / "w"))
+
+
+def test_batch_not_divisible_by_data_parallel_size_raises(tmp_path):
+  config = runlocal(batch_size=12)  # 8 devices
+  with pytest.raises(ValueError, match="train.batch_size=12 is not divisible"):
+    train.train(config, str(tmp_path / "w"))
+
+
+def test_workdir_of_another_model_is_refused_but_more_steps_resume(tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train(runlocal(steps=2, ckpt_every=2), workdir)
+  other = runlocal(steps=2, ckpt_every=2)
+  other.model.width = 64
+  with pytest.raises(ValueError, match="model.width: 32 -> 64"):
+    train.train(other, workdir)
+  other_data = runlocal(steps=2, ckpt_every=2)
+  other_data.data.source = "tfds"
+  with pytest.raises(ValueError, match="data.source"):
+    train.train(other_data, workdir)
+  train.train(runlocal(steps=4, ckpt_every=2), workdir)  # only train.steps changed
+  assert sorted(losses(workdir)) == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "w")
+  # Warmup gives step 1 a zero learning rate; step 2's update (lr 5e29) blows the weights up
+  # (their norm overflows) while step 2's loss is still finite.
+  exploding = runlocal(steps=6, ckpt_every=1, lr=1e30)
+  with pytest.raises(FloatingPointError, match=r"param_norm.*last good checkpoint \(step 1\)"):
+    train.train(exploding, workdir)
+  assert checkpoint.Checkpointer(workdir).latest_step() == 1
+  # Resuming with a sane learning rate (an allowed change) continues from step 1.
+  train.train(runlocal(steps=4, ckpt_every=1), workdir)
+  assert sorted(losses(workdir)) == [1, 2, 3, 4]
