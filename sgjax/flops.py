@@ -1,13 +1,17 @@
-"""FLOPs of one forward pass, counted from the architecture (no compilation).
+"""FLOPs of one forward pass and of guided sampling, counted from the architecture.
 
-Two conventions, per image:
+No compilation: the counts follow the model config and, for sampling, the per-step guidance
+settings of `sgjax.guidance.step_settings` (the same ones the sampler uses). Two conventions,
+per image:
 - true: 2 FLOPs per multiply-add of every matmul, attention scores and values included
   (elementwise work, normalisation and softmax are not counted);
 - paper: multiply-adds of the linear layers only, no attention matmuls, as in Table 2 of the
   Sparse Guidance paper (SiT-XL/2 dense: 114.39 GMACs).
 
     python -m sgjax.flops --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing \
-        --gamma=0.5
+        --gamma=0.5                                      # one forward pass
+    python -m sgjax.flops --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing \
+        --guidance=sg --gamma_strong=0.5 --gamma_weak=0.9   # one guided sampling step
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from sgjax import guidance as guidance_lib
 from sgjax import sparsity
 from sgjax.models import dit
 
@@ -39,9 +44,14 @@ def _linear(tokens: int, d_in: int, d_out: int) -> Flops:
 
 
 def _block(tokens: int, width: int, mlp_ratio: float, cond_width: int) -> Flops:
+  return _linear(1, cond_width, 6 * width) + _token_work(tokens, width, mlp_ratio)
+
+
+def _token_work(tokens: int, width: int, mlp_ratio: float) -> Flops:
+  """A block without its adaLN modulation (which depends on the conditioning only)."""
   hidden = int(width * mlp_ratio)
-  linears = (_linear(1, cond_width, 6 * width) + 4 * _linear(tokens, width, width)
-             + _linear(tokens, width, hidden) + _linear(tokens, hidden, width))
+  linears = (4 * _linear(tokens, width, width) + _linear(tokens, width, hidden)
+             + _linear(tokens, hidden, width))
   attention = 2.0 * 2.0 * tokens * tokens * width  # scores q.k and weighted sum of v
   return linears + Flops(true=attention, paper=0.0)
 
@@ -93,11 +103,113 @@ def report(cfg: dit.DiTConfig, gamma: float | None, name: str = "") -> dict:
   }
 
 
+def weak_branch_config(model_cfg: dit.DiTConfig, guidance: guidance_lib.GuidanceConfig,
+                       aux_cfg: dit.DiTConfig | None = None) -> dit.DiTConfig:
+  """The architecture of the weak branch: the auxiliary model for ag rules (default: the
+  same architecture as the main model, e.g. its early checkpoint), else the main model."""
+  return (aux_cfg or model_cfg) if guidance.uses_aux else model_cfg
+
+
+def shared_branch_flops(cfg: dit.DiTConfig, gamma_strong: float, gamma_weak: float,
+                        same_labels: bool) -> Flops:
+  """True FLOPs that two branches of one model compute identically, per image.
+
+  Both branches see the same x_t and t, so the patch and time embeddings are equal; with the
+  same labels (sg) so is the conditioning vector, hence every adaLN modulation and, for
+  routing, every block before the first route; if neither branch drops a token, all of it.
+  The compiled step computes that work once (XLA's common-subexpression elimination, and the
+  sampler's vmap leaves shared inputs unbatched), so true step FLOPs subtract it. The paper
+  convention (Table 2) counts both branches in full: its `paper` part is 0.
+  """
+  n, w = cfg.num_tokens, cfg.width
+  kept = [min(block_tokens(cfg, gamma)) for gamma in (gamma_strong, gamma_weak)]
+  if same_labels and kept == [n, n]:
+    return Flops(forward_flops(cfg, 0.0).true, 0.0)
+  shared = (_linear(n, cfg.patch_dim, w) + _linear(1, dit.TIME_FREQUENCIES, w)
+            + _linear(1, w, w))
+  if same_labels:
+    out_width = w
+    shared += cfg.depth * _linear(1, w, 6 * w)
+    if cfg.sparsity == "masking":
+      out_width = cfg.decoder_width
+      shared += cfg.decoder_depth * _linear(1, w, 6 * out_width)
+    shared += _linear(1, w, 2 * out_width)
+    if cfg.sparsity == "routing":
+      shared += min(route.start for route in cfg.routes) * _token_work(n, w, cfg.mlp_ratio)
+  return Flops(shared.true, 0.0)
+
+
+def guided_step_flops(model_cfg: dit.DiTConfig, guidance: guidance_lib.GuidanceConfig,
+                      aux_cfg: dit.DiTConfig | None = None, step: int = 0, steps: int = 1,
+                      stages: int = 1) -> Flops:
+  """FLOPs per image of sampling step `step` of `steps`.
+
+  f(gamma_strong) + f(gamma_weak) on a guided step, f(gamma_strong) alone on an unguided one
+  (rule none, or outside the guidance interval), times `stages` model evaluations per step
+  (Euler 1, Heun 2). Table 2 of the paper counts Euler steps. True FLOPs count the work both
+  branches share once (`shared_branch_flops`), as the compiled step does.
+  """
+  setting = guidance_lib.step_settings(guidance, steps)[step]
+  total = forward_flops(model_cfg, setting.gamma_strong)
+  if setting.guided:
+    total += forward_flops(weak_branch_config(model_cfg, guidance, aux_cfg), setting.gamma_weak)
+    if not guidance.uses_aux:  # one model: some work is common to both branches
+      same_labels = guidance.rule not in guidance_lib.NULL_LABEL_RULES + ("icg",)
+      total += -1.0 * shared_branch_flops(model_cfg, setting.gamma_strong, setting.gamma_weak,
+                                          same_labels)
+  return total * stages
+
+
+def trajectory_flops(model_cfg: dit.DiTConfig, guidance: guidance_lib.GuidanceConfig,
+                     aux_cfg: dit.DiTConfig | None = None, steps: int = 40,
+                     stages: int = 1) -> Flops:
+  """FLOPs per image of a whole sampling run: the sum of its steps' `guided_step_flops`."""
+  total = Flops(0.0, 0.0)
+  for step in range(steps):
+    total += guided_step_flops(model_cfg, guidance, aux_cfg, step, steps, stages)
+  return total
+
+
+def guided_report(cfg: dit.DiTConfig, guidance: guidance_lib.GuidanceConfig, steps: int,
+                  name: str = "") -> dict:
+  """The JSON object printed by `python -m sgjax.flops --guidance=...`."""
+  settings = guidance_lib.step_settings(guidance, steps)
+  total = trajectory_flops(cfg, guidance, steps=steps)
+  return {
+      "model": name,
+      "sparsity": cfg.sparsity,
+      "guidance": guidance.rule,
+      "omega": guidance.omega,
+      "gamma_strong": guidance.gamma_strong,
+      "gamma_weak": guidance.gamma_weak if guidance.guided else None,
+      "schedule": guidance.schedule,
+      "steps": steps,
+      "nfe_per_image": sum(1 + s.guided for s in settings),
+      "gflops_true": total.true / steps / 1e9,
+      "gflops_paper": total.paper / steps / 1e9,
+      "trajectory_gflops_true": total.true / 1e9,
+      "trajectory_gflops_paper": total.paper / 1e9,
+      "note": "gflops_* per image per Euler sampling step (averaged over the steps; both"
+              " branches of a guided step); true = 2 FLOPs per multiply-add incl. attention,"
+              " paper = linear-layer multiply-adds only (Table 2 convention); ag rules assume"
+              " an auxiliary model of the same architecture",
+  }
+
+
 def main(argv):
   del argv
   from sgjax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = config_lib.model_config(FLAGS.config.model)
-  print(json.dumps(report(cfg, FLAGS.gamma, FLAGS.config.model.get("name", ""))))
+  name = FLAGS.config.model.get("name", "")
+  if FLAGS.guidance is None:
+    print(json.dumps(report(cfg, FLAGS.gamma, name)))
+    return
+  guidance = guidance_lib.GuidanceConfig(
+      rule=FLAGS.guidance, omega=FLAGS.omega, gamma_strong=FLAGS.gamma_strong,
+      gamma_weak=FLAGS.gamma_weak, schedule=FLAGS.schedule,
+      gamma_strong_end=FLAGS.gamma_strong_end, gamma_weak_end=FLAGS.gamma_weak_end,
+      num_levels=FLAGS.num_levels).validate()
+  print(json.dumps(guided_report(cfg, guidance, FLAGS.steps, name)))
 
 
 if __name__ == "__main__":
@@ -107,6 +219,17 @@ if __name__ == "__main__":
   FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).",
                                   lock_config=True)
-  flags.DEFINE_float("gamma", 0.0, "Inference sparsity rate applied to every route.")
+  flags.DEFINE_float("gamma", 0.0, "Inference sparsity rate applied to every route (one"
+                     " forward pass; ignored with --guidance).")
+  flags.DEFINE_enum("guidance", None, list(guidance_lib.RULES),
+                    "Report one guided sampling step of this rule instead of one forward pass.")
+  flags.DEFINE_float("omega", 1.5, "Guidance scale (does not change FLOPs).")
+  flags.DEFINE_float("gamma_strong", 0.0, "Sparsity rate of the strong branch.")
+  flags.DEFINE_float("gamma_weak", 0.0, "Sparsity rate of the weak branch.")
+  flags.DEFINE_enum("schedule", "constant", list(guidance_lib.SCHEDULES), "Gamma schedule.")
+  flags.DEFINE_float("gamma_strong_end", None, "cosine: strong rate at the last step.")
+  flags.DEFINE_float("gamma_weak_end", None, "cosine: weak rate at the last step.")
+  flags.DEFINE_integer("num_levels", 8, "cosine: number of quantised schedule levels.")
+  flags.DEFINE_integer("steps", 40, "Euler sampling steps (matters for schedules).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

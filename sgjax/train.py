@@ -23,9 +23,6 @@ from sgjax import checkpoint, config as config_lib, flow, logs, sharding, train_
 from sgjax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file: configs/NAME.py[:arg].",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config.json).")
 
 
 class Preemption:
@@ -152,6 +149,13 @@ def _summarise(metrics: list[dict], step: int, last_saved: int) -> dict[str, flo
   return summary
 
 
+def define_flags() -> None:
+  """Flags of this entry point (defined only when it runs, so modules import cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Config file: configs/NAME.py[:arg].",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config.json).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -160,5 +164,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

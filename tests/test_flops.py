@@ -70,3 +70,47 @@ def test_flops_command_prints_table_2_numbers():
   assert abs(half["gflops_paper"] + most["gflops_paper"] - 97.7) <= 0.2
   assert half["gflops_true"] < dense["gflops_true"]
   assert dense["block_tokens"] == [256] * 28
+
+
+def test_guided_flops_cli_prints_table_2_numbers():
+  config = "--config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing"
+  none = run_flops_cli(config, "--guidance=none")
+  cfg = run_flops_cli(config, "--guidance=cfg", "--omega=1.5")
+  sg = run_flops_cli(config, "--guidance=sg", "--gamma_strong=0.5", "--gamma_weak=0.9")
+  assert abs(none["gflops_paper"] - 114.4) <= 0.2
+  assert abs(cfg["gflops_paper"] - 228.8) <= 0.2
+  assert abs(sg["gflops_paper"] - 97.7) <= 0.2
+  assert sg["gflops_true"] < none["gflops_true"] < cfg["gflops_true"]
+  assert (none["nfe_per_image"], cfg["nfe_per_image"]) == (40, 80)
+  # --gamma alone still reports one forward pass.
+  assert run_flops_cli(config, "--gamma=0.5")["block_tokens"][2] == 128
+
+
+def test_guided_step_flops_of_the_papers_settings():
+  cfg = dit.DiTConfig(**dit.parse_model_name("SiT-XL/2"), sparsity="routing",
+                      routes=(Route(2, 24, 0.5),))
+  gflops = lambda g, **kw: flops.trajectory_flops(cfg, g, **kw).paper / 40 / 1e9
+  GuidanceConfig = flops.guidance_lib.GuidanceConfig
+  for rule in ("cfg", "ag", "icg"):
+    assert abs(gflops(GuidanceConfig(rule)) - 228.8) <= 0.2
+  # SG_FID (AG+SG, cosine schedules): Table 2 says 173.16; our step grid and rounding of the
+  # cosine give 172.97.
+  sg_fid = GuidanceConfig("ag+sg", schedule="cosine", gamma_strong=0.0, gamma_strong_end=0.6,
+                          gamma_weak=0.6, gamma_weak_end=0.0)
+  assert abs(gflops(sg_fid) - 173.16) <= 0.5
+  # Heun evaluates twice per step.
+  sg = GuidanceConfig("sg", gamma_strong=0.5, gamma_weak=0.9)
+  assert gflops(sg, stages=2) == pytest.approx(2 * gflops(sg))
+
+
+def test_true_flops_count_work_shared_by_both_branches_once():
+  cfg = tiny_config("routing")
+  GuidanceConfig = flops.guidance_lib.GuidanceConfig
+  one = flops.forward_flops(cfg, 0.0)
+  # SG at equal gammas 0: both branches are the same computation.
+  same = flops.guided_step_flops(cfg, GuidanceConfig("sg"))
+  assert same.true == pytest.approx(one.true) and same.paper == pytest.approx(2 * one.paper)
+  # CFG shares only the x and t embeddings; AG (another model) shares nothing.
+  cfg_step = flops.guided_step_flops(cfg, GuidanceConfig("cfg")).true
+  assert 1.9 * one.true < cfg_step < 2 * one.true
+  assert flops.guided_step_flops(cfg, GuidanceConfig("ag")).true == pytest.approx(2 * one.true)
