@@ -1,0 +1,338 @@
+"""Benchmarks: training and sampling throughput, FLOPs, MFU, memory, compile times.
+
+    python -m sgjax.bench --suite=all --model=DiT-S/2 --input_size=16    (CPU, minutes)
+    python -m sgjax.bench --suite=all --model=SiT-XL/2 --dtype=bfloat16   (one GPU)
+
+Every number is measured after compilation and warm-up, as the median (and min/max) of
+`--repeats` timed runs; every ratio compares measurements taken in this one run. Writes
+`OUT/bench-<date>.json` and `.md`. Needs only jax, flax, optax and absl (no grain,
+ml_collections or tensorflow-datasets), so it runs on a bare accelerator image.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from sgjax import flops as flops_lib
+from sgjax import flow, guidance as guidance_lib, sampling, sharding, train_state
+from sgjax.models import dit
+from sgjax.sparsity import Route
+
+# Dense bf16 matmul peaks (no sparsity) used for the nominal MFU, in TFLOP/s.
+NOMINAL_PEAK_TFLOPS = {
+    "H100": 989.0,  # H100 SXM5
+    "H200": 989.0,  # same Hopper SXM tensor cores
+    "A100": 312.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5": 459.0,  # v5p
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+}
+# TREAD's route proportions: r2->24 of 28, r2->20 of 24, r2->8 of 12 (0-based, inclusive).
+DEFAULT_ROUTE_END = {28: 24, 24: 20, 12: 8}
+
+
+def time_fn(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+  """Seconds per call of `fn` (which must block until its work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def nominal_peak(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for name, peak in sorted(NOMINAL_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name in kind:
+      return peak * 1e12
+  return None
+
+
+def measured_matmul_peak(dtype, size: int, repeats: int) -> float:
+  """FLOP/s of a large square matmul in `dtype` on the default device."""
+  a = jnp.ones((size, size), dtype)
+  b = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  timing = time_fn(lambda: matmul(a, b).block_until_ready(), repeats, warmup=2)
+  return 2.0 * size**3 / timing["median_s"]
+
+
+def peak_memory_bytes() -> tuple[int | None, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def model_config(name: str, sparsity: str, input_size: int, in_channels: int, dtype: str,
+                 gamma: float, num_classes: int) -> dit.DiTConfig:
+  size = dit.parse_model_name(name)
+  routes = ()
+  if sparsity == "routing":
+    depth = size["depth"]
+    end = DEFAULT_ROUTE_END.get(depth, depth - 2)
+    routes = (Route(min(2, end), end, gamma),)
+  return dit.DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                       sparsity=sparsity, routes=routes, mask_gamma=gamma, dtype=dtype,
+                       **size).validate()
+
+
+def bench_train(cfg: dit.DiTConfig, batch: int, repeats: int, steps_per_repeat: int,
+                peak: float) -> dict[str, Any]:
+  """One configuration's train step: compile time, step time, throughput, FLOPs, MFU."""
+  mesh = sharding.make_mesh("data")
+  tx = train_state.make_optimizer(train_state.OptimConfig(lr=1e-4))
+  graphdef, abstract, shardings = train_state.abstract_state(cfg, tx, mesh, "data")
+  state = train_state.init_state(cfg, tx, shardings)
+  step = jax.jit(train_state.make_train_step(graphdef, tx, flow.LossConfig(), 0.9999,
+                                             jax.random.key(1)),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
+  key = jax.random.key(0)
+  images = jax.random.normal(key, (batch, cfg.input_size, cfg.input_size, cfg.in_channels))
+  data = {"image": images, "label": jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes}
+  data = jax.device_put(data, sharding.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = step.lower(abstract, data).compile()
+  compile_s = time.perf_counter() - start
+  compiled_flops = compiled.cost_analysis()["flops"]
+
+  def run():
+    nonlocal state
+    for _ in range(steps_per_repeat):
+      state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+
+  timing = time_fn(run, repeats)
+  step_s = timing["median_s"] / steps_per_repeat
+  # Model FLOPs: forward + backward = 3x the forward pass actually run (true convention).
+  model_flops = 3 * flops_lib.forward_flops(cfg).true * batch
+  memory, memory_kind = peak_memory_bytes()
+  return {
+      "sparsity": cfg.sparsity, "batch": batch, "compile_s": compile_s,
+      "step_s": step_s, "step_min_s": timing["min_s"] / steps_per_repeat,
+      "step_max_s": timing["max_s"] / steps_per_repeat,
+      "images_per_s": batch / step_s, "tokens_per_s": batch * cfg.num_tokens / step_s,
+      "compiled_tflops_per_step": compiled_flops / 1e12,
+      "model_tflops_per_step": model_flops / 1e12,
+      "achieved_tflops": model_flops / step_s / 1e12,
+      "mfu_measured_peak": model_flops / step_s / peak,
+      "peak_memory_gib": memory / 2**30, "memory_kind": memory_kind,
+  }
+
+
+def write_results(out_dir: str, meta: dict, results: dict, table: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  base = os.path.join(out_dir, f"bench-{stamp}")
+  with open(base + ".json", "w") as f:
+    json.dump({**meta, **results}, f, indent=2)
+  with open(base + ".md", "w") as f:
+    f.write(table)
+  return base
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+  """rows -> a Markdown table; columns: (key, header, format)."""
+  lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+           "|" + "---|" * len(columns)]
+  for row in rows:
+    cells = []
+    for key, _, fmt in columns:
+      value = row.get(key)
+      cells.append("" if value is None else format(value, fmt))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+TRAIN_COLUMNS = [
+    ("sparsity", "sparsity", "s"), ("images_per_s", "images/s", ".1f"),
+    ("step_s", "step s (median)", ".4f"), ("compile_s", "compile s", ".1f"),
+    ("compiled_tflops_per_step", "compiled TFLOP/step", ".3f"),
+    ("achieved_tflops", "model TFLOP/s", ".2f"), ("mfu_measured_peak", "MFU (measured peak)", ".1%"),
+    ("mfu_nominal_peak", "MFU (nominal peak)", ".1%"),
+    ("speedup_measured", "speedup vs dense", ".2f"),
+    ("speedup_predicted", "predicted (FLOPs)", ".2f"),
+    ("speedup_efficiency", "measured / predicted", ".1%"),
+    ("peak_memory_gib", "peak memory GiB", ".2f"),
+]
+
+
+def run_train_suite(args: dict, peak: float, nominal: float | None) -> list[dict]:
+  rows = []
+  for mode in args["modes"]:
+    cfg = model_config(args["model"], mode, args["input_size"], args["in_channels"],
+                       args["dtype"], args["gamma"], args["num_classes"])
+    logging.info("train bench: %s %s batch %d", args["model"], mode, args["batch"])
+    row = bench_train(cfg, args["batch"], args["repeats"], args["steps_per_repeat"], peak)
+    row["mfu_nominal_peak"] = row["achieved_tflops"] * 1e12 / nominal if nominal else None
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  # XLA counts FLOPs of every op on CPU; on GPU its count misses the library matmuls, so the
+  # prediction there uses the library's model FLOPs.
+  flops_key = ("compiled_tflops_per_step" if jax.devices()[0].platform == "cpu"
+               else "model_tflops_per_step")
+  dense = next((r for r in rows if r["sparsity"] == "dense"), None)
+  for row in rows:
+    if dense is not None:
+      row["speedup_measured"] = dense["step_s"] / row["step_s"]
+      row["speedup_predicted"] = dense[flops_key] / row[flops_key]
+      row["speedup_efficiency"] = row["speedup_measured"] / row["speedup_predicted"]
+  return rows
+
+
+# name -> guidance; the paper's Table 2 set (sg_flops: SG 0.5/0.9; sg_fid: AG+SG with cosine
+# schedules) plus SG 0.5/0.8 and CFG+SG. AG / AG+SG use a second, randomly
+# initialised model of the same size as the auxiliary (what matters here is its cost).
+SAMPLE_SETTINGS = {
+    "unguided": guidance_lib.GuidanceConfig(rule="none"),
+    "cfg": guidance_lib.GuidanceConfig(rule="cfg", omega=1.5),
+    "ag": guidance_lib.GuidanceConfig(rule="ag", omega=1.5),
+    "icg": guidance_lib.GuidanceConfig(rule="icg", omega=1.5),
+    "sg_flops": guidance_lib.GuidanceConfig(rule="sg", omega=1.5,
+                                                         gamma_strong=0.5, gamma_weak=0.9),
+    "sg_0.5_0.8": guidance_lib.GuidanceConfig(rule="sg", omega=1.5, gamma_strong=0.5,
+                                              gamma_weak=0.8),
+    "cfg+sg_0.2_0.7": guidance_lib.GuidanceConfig(rule="cfg+sg", omega=1.5,
+                                                  gamma_strong=0.2, gamma_weak=0.7),
+    "sg_fid": guidance_lib.GuidanceConfig(
+        rule="ag+sg", omega=1.5, schedule="cosine", gamma_strong=0.0, gamma_strong_end=0.6,
+        gamma_weak=0.6, gamma_weak_end=0.0),
+}
+SAMPLE_COLUMNS = [
+    ("setting", "setting", "s"), ("images_per_s", "images/s", ".2f"),
+    ("batch_s", "s per batch (median)", ".3f"), ("compile_s", "compile s", ".1f"),
+    ("num_variants", "variants", "d"), ("gflops_true", "GFLOPs/img/step (true)", ".2f"),
+    ("gflops_paper", "GFLOPs/img/step (paper)", ".2f"),
+    ("speedup_vs_unguided", "speedup vs unguided", ".2f"),
+    ("predicted_vs_unguided", "predicted", ".2f"),
+    ("speedup_vs_cfg", "speedup vs CFG", ".2f"), ("predicted_vs_cfg", "predicted", ".2f"),
+    ("efficiency_vs_cfg", "measured / predicted (vs CFG)", ".1%"),
+]
+
+
+def run_sample_suite(args: dict) -> list[dict]:
+  """Images/s and FLOPs of each guidance setting on a routed model with random weights.
+
+  Predicted speedups come from XLA's compiled FLOPs of one guided step where the backend
+  counts them (CPU), else from the library's true FLOPs.
+  """
+  cfg = model_config(args["model"], "routing", args["input_size"], args["in_channels"],
+                     args["dtype"], args["gamma"], args["num_classes"])
+  make = train_state.make_model_fn(cfg, 0)
+  model, aux_model = make(), train_state.make_model_fn(cfg, 1)()
+  batch, repeats = args["sample_batch"], args["repeats"]
+  labels = np.arange(batch, dtype=np.int32) % cfg.num_classes
+  x = jnp.zeros((batch, cfg.input_size, cfg.input_size, cfg.in_channels))
+  t = jnp.full((batch,), 0.5)
+  count_compiled = jax.devices()[0].platform == "cpu"
+  rows = []
+  for name in args["settings"]:
+    if name not in SAMPLE_SETTINGS:
+      raise ValueError(f"--settings: unknown {name!r}; known: {list(SAMPLE_SETTINGS)}.")
+    guidance = SAMPLE_SETTINGS[name]
+    logging.info("sample bench: %s", name)
+    sampler = sampling.Sampler(model, guidance, steps=args["sample_steps"],
+                               aux_model=aux_model if guidance.uses_aux else None)
+    start = time.perf_counter()
+    jax.block_until_ready(sampler(labels, 0))
+    first_s = time.perf_counter() - start
+    timing = time_fn(lambda: jax.block_until_ready(sampler(labels, 0)), repeats, warmup=0)
+    summary = sampler.plan.summary()
+    row = {"setting": name, "batch_s": timing["median_s"], "batch_min_s": timing["min_s"],
+           "batch_max_s": timing["max_s"], "images_per_s": batch / timing["median_s"],
+           "compile_s": first_s - timing["median_s"], "num_variants": summary["num_variants"],
+           "gflops_true": summary["gflops_true"], "gflops_paper": summary["gflops_paper"],
+           "nfe": summary["nfe"]}
+    if count_compiled and guidance.schedule == "constant":
+      compiled = sampler.lower_velocity(x, t, labels, 0).compile()
+      row["compiled_gflops_per_image_step"] = compiled.cost_analysis()["flops"] / batch / 1e9
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  by_name = {row["setting"]: row for row in rows}
+  flops_key = "compiled_gflops_per_image_step" if count_compiled else "gflops_true"
+  for row in rows:
+    for suffix in ("unguided", "cfg"):
+      if suffix not in by_name:
+        continue
+      ref = by_name[suffix]
+      row[f"speedup_vs_{suffix}"] = ref["batch_s"] / row["batch_s"]
+      if flops_key in row:
+        row[f"predicted_vs_{suffix}"] = ref[flops_key] / row[flops_key]
+        row[f"efficiency_vs_{suffix}"] = (row[f"speedup_vs_{suffix}"]
+                                          / row[f"predicted_vs_{suffix}"])
+  return rows
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags of this entry point (defined only when it runs, so modules import cleanly)."""
+  flags.DEFINE_enum("suite", "all", ["train", "sample", "all"], "What to measure.")
+  flags.DEFINE_string("model", "DiT-S/2", "DiT-/SiT- S|B|L|XL / patch.")
+  flags.DEFINE_integer("input_size", 32, "Latent (or pixel) height = width.")
+  flags.DEFINE_integer("in_channels", 4, "Input channels.")
+  flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
+  flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
+  flags.DEFINE_float("gamma", 0.5, "Training sparsity rate of routed / masked models.")
+  flags.DEFINE_list("modes", ["dense", "routing", "masking"], "Sparsity modes to train.")
+  flags.DEFINE_integer("batch", 32, "Training batch size.")
+  flags.DEFINE_list("settings", list(SAMPLE_SETTINGS), "Guidance settings to sample with.")
+  flags.DEFINE_integer("sample_batch", 64, "Sampling batch size.")
+  flags.DEFINE_integer("sample_steps", 40, "Euler steps per sampling run.")
+  flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
+  flags.DEFINE_integer("steps_per_repeat", 3, "Train steps per timed repeat.")
+  flags.DEFINE_integer("matmul_size", 4096, "Matrix size of the peak-FLOP/s probe.")
+  flags.DEFINE_string("out", "results", "Folder for bench-<date>.json / .md.")
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  dtype = jnp.dtype(FLAGS.dtype)
+  peak = measured_matmul_peak(dtype, FLAGS.matmul_size, FLAGS.repeats)
+  nominal = nominal_peak(device)
+  meta = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device_kind": device.device_kind, "platform": device.platform,
+      "device_count": jax.device_count(), "jax_version": jax.__version__,
+      "flags": {name: FLAGS[name].value for name in (
+          "suite", "model", "input_size", "in_channels", "dtype", "gamma", "modes", "batch",
+          "settings", "sample_batch", "sample_steps", "repeats", "steps_per_repeat")},
+      "measured_matmul_peak_tflops": peak / 1e12,
+      "nominal_peak_tflops": nominal / 1e12 if nominal else None,
+  }
+  args = dict(FLAGS.flag_values_dict())
+  results, table = {}, (f"{FLAGS.model}, {FLAGS.dtype}, {device.device_kind}, jax"
+                        f" {jax.__version__}, {meta['date']}; measured {FLAGS.dtype} matmul"
+                        f" peak {peak / 1e12:.2f} TFLOP/s\n\n")
+  if FLAGS.suite in ("train", "all"):
+    results["train"] = run_train_suite(args, peak, nominal)
+    table += f"### Training (batch {FLAGS.batch})\n\n" + markdown(results["train"],
+                                                                 TRAIN_COLUMNS) + "\n"
+  if FLAGS.suite in ("sample", "all"):
+    results["sample"] = run_sample_suite(args)
+    table += (f"### Sampling (batch {FLAGS.sample_batch}, {FLAGS.sample_steps} Euler steps,"
+              " routed model)\n\n" + markdown(results["sample"], SAMPLE_COLUMNS))
+  base = write_results(FLAGS.out, meta, results, table)
+  print(table)
+  print(f"wrote {base}.json and {base}.md")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

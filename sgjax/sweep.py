@@ -1,0 +1,277 @@
+"""Guidance sweeps: sample and evaluate a grid of settings, tabulate and plot them.
+
+    python -m sgjax.sweep --workdir=runs/digits --metric=digits --seeds=0,1,2 \
+        --grid='rule=none' --grid='rule=cfg;omega=1.5,2' \
+        --grid='rule=sg;omega=1.5,2;gamma_strong=0,0.3;gamma_weak=0.6,0.8'
+
+Each --grid is a Cartesian product of `field=v1,v2` parts over GuidanceConfig's fields
+(rule, omega, gamma_strong, gamma_weak, schedule, gamma_strong_end, gamma_weak_end);
+combinations a rule forbids (gamma_strong >= gamma_weak for sg) are skipped. Writes into
+OUT (default WORKDIR/sweep): one folder per setting and seed (samples, sampling.json,
+metrics.json; finished ones are reused, so a sweep resumes), sweep.csv, sweep.md, one FID
+heatmap over (gamma_strong, gamma_weak) per omega for each sparse rule, and the metric
+against GFLOPs per image with the Pareto front marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import warnings
+
+import numpy as np
+from absl import app, flags, logging
+
+from sgjax import guidance as guidance_lib, logs, sample, sampling, sharding
+from sgjax.metrics import npz
+
+FIELDS = {"rule": str, "omega": float, "gamma_strong": float, "gamma_weak": float,
+          "schedule": str, "gamma_strong_end": float, "gamma_weak_end": float}
+# Columns of sweep.csv / sweep.md besides the metrics.
+SETTING_COLUMNS = ("rule", "omega", "gamma_strong", "gamma_weak", "schedule",
+                   "gamma_strong_end", "gamma_weak_end")
+LOWER_IS_BETTER = ("fid", "sfid")
+
+
+def parse_grid(spec: str) -> list[guidance_lib.GuidanceConfig]:
+  """'rule=sg;omega=1.5,2;gamma_weak=0.6' -> the valid GuidanceConfigs of the product."""
+  axes = {}
+  for part in filter(None, (p.strip() for p in spec.split(";"))):
+    name, _, values = part.partition("=")
+    if name not in FIELDS:
+      raise ValueError(f"--grid={spec!r}: unknown field {name!r}; known: {sorted(FIELDS)}.")
+    axes[name] = [FIELDS[name](v) for v in values.split(",") if v]
+  if "rule" not in axes:
+    raise ValueError(f"--grid={spec!r} names no rule (e.g. 'rule=sg;omega=1.5').")
+  settings = []
+  for values in itertools.product(*axes.values()):
+    setting = guidance_lib.GuidanceConfig(**dict(zip(axes, values)))
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings.append(setting.validate())
+    except ValueError as e:
+      logging.info("skipping %s: %s", setting, e)
+  return settings
+
+
+def slug(setting: guidance_lib.GuidanceConfig) -> str:
+  """A folder name that identifies a setting."""
+  parts = [setting.rule.replace("+", "_"), f"w{setting.omega:g}",
+           f"gs{setting.gamma_strong:g}", f"gw{setting.gamma_weak:g}"]
+  if setting.schedule != "constant":
+    parts += [setting.schedule, f"gse{setting.gamma_strong_end}", f"gwe{setting.gamma_weak_end}"]
+  return "-".join(parts)
+
+
+def _done(folder: str) -> bool:
+  return all(os.path.exists(os.path.join(folder, name))
+             for name in ("samples.npz", "sampling.json", "metrics.json"))
+
+
+def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: str, *,
+              seeds=(0,), metric="digits", reference=None, inception_weights=None,
+              steps=40, num_samples=500, batch_size=250, step=None, aux_workdir=None,
+              aux_step=None) -> list[dict]:
+  """Samples + evaluates every setting and seed (reusing finished ones); one row each."""
+  mesh = sharding.make_mesh("data")
+  models = {}
+  rows = []
+  for setting in settings:
+    sampler = None
+    for seed in seeds:
+      folder = os.path.join(out, slug(setting), f"seed{seed}")
+      if not _done(folder):
+        if sampler is None:
+          if setting.uses_aux not in models:
+            models[setting.uses_aux] = sample.load_models(
+                workdir, setting, mesh, step=step, aux_workdir=aux_workdir, aux_step=aux_step)
+          model, aux_model, _, info = models[setting.uses_aux]
+          sampler = sampling.Sampler(model, setting, steps=steps, aux_model=aux_model,
+                                     mesh=mesh)
+        sample.sample_to_dir(sampler, folder, num_samples=num_samples, batch_size=batch_size,
+                             labels="balanced", seed=seed,
+                             info={"workdir": os.path.abspath(workdir), **info})
+        npz.evaluate_npz(os.path.join(folder, "samples.npz"), reference, metric,
+                         inception_weights, batch_size)
+      rows.append(_row(setting, seed, folder))
+  return rows
+
+
+def _row(setting, seed, folder) -> dict:
+  with open(os.path.join(folder, "sampling.json")) as f:
+    sampled = json.load(f)
+  with open(os.path.join(folder, "metrics.json")) as f:
+    measured = json.load(f)
+  row = {name: getattr(setting, name) for name in SETTING_COLUMNS}
+  row.update(seed=seed, gflops_true=sampled["gflops_true"], gflops_paper=sampled["gflops_paper"],
+             nfe=sampled["nfe"], images_per_s=sampled["images_per_s"])
+  row.update({k: v for k, v in measured.items() if isinstance(v, (int, float))
+              and not k.startswith("num_") and k != "seconds"})
+  return row
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  """Mean and standard deviation over seeds for each setting."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[c] for c in SETTING_COLUMNS), []).append(row)
+  out = []
+  for key, group in groups.items():
+    entry = dict(zip(SETTING_COLUMNS, key))
+    entry["seeds"] = len(group)
+    for name in group[0]:
+      if name in SETTING_COLUMNS or name == "seed":
+        continue
+      values = np.asarray([r[name] for r in group], np.float64)
+      entry[name] = float(values.mean())
+      entry[name + "_std"] = float(values.std())
+    out.append(entry)
+  return out
+
+
+def label(entry: dict) -> str:
+  text = f"{entry['rule']} w={entry['omega']:g}"
+  if entry["rule"] not in ("none", "cfg", "ag", "icg") or entry["gamma_strong"] or entry[
+      "gamma_weak"]:
+    text += f" g={entry['gamma_strong']:g}/{entry['gamma_weak']:g}"
+  if entry["schedule"] != "constant":
+    text += f" {entry['schedule']}"
+  return text
+
+
+def pareto_front(entries: list[dict], metric: str) -> list[dict]:
+  """Settings no other setting beats on both GFLOPs and the metric."""
+  sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+  front, best = [], np.inf
+  for entry in sorted(entries, key=lambda e: (e["gflops_true"], sign * e[metric])):
+    if sign * entry[metric] < best:
+      front.append(entry)
+      best = sign * entry[metric]
+  return front
+
+
+def write_table(entries: list[dict], path: str, metrics: list[str]) -> None:
+  header = ["setting", *metrics, "GFLOPs/img/step (true)", "GFLOPs/img/step (paper)",
+            "images/s"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for e in entries:
+    cells = [label(e)] + [f"{e[m]:.3f} ± {e[m + '_std']:.3f}" for m in metrics]
+    cells += [f"{e['gflops_true']:.4f}", f"{e['gflops_paper']:.4f}", f"{e['images_per_s']:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot(entries: list[dict], out: str, metric: str) -> list[str]:
+  """FID heatmaps over (gamma_strong, gamma_weak), one panel per omega, per sparse rule; and
+  metric vs GFLOPs with the Pareto front. Returns the files written."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  written = []
+  for rule in sorted({e["rule"] for e in entries if e["rule"] in ("sg", "cfg+sg", "ag+sg")}):
+    chosen = [e for e in entries if e["rule"] == rule and e["schedule"] == "constant"]
+    omegas = sorted({e["omega"] for e in chosen})
+    strong = sorted({e["gamma_strong"] for e in chosen})
+    weak = sorted({e["gamma_weak"] for e in chosen})
+    if not chosen:
+      continue
+    fig, axes = plt.subplots(1, len(omegas), figsize=(3.2 * len(omegas) + 1, 3), squeeze=False)
+    values = [e[metric] for e in chosen]
+    for ax, omega in zip(axes[0], omegas):
+      grid = np.full((len(strong), len(weak)), np.nan)
+      for e in chosen:
+        if e["omega"] == omega:
+          grid[strong.index(e["gamma_strong"]), weak.index(e["gamma_weak"])] = e[metric]
+      image = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=min(values),
+                        vmax=max(values), aspect="auto")
+      for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+          ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+      ax.set_xticks(range(len(weak)), [f"{g:g}" for g in weak])
+      ax.set_yticks(range(len(strong)), [f"{g:g}" for g in strong])
+      ax.set_xlabel("gamma_weak")
+      ax.set_ylabel("gamma_strong")
+      ax.set_title(f"{rule}, omega={omega:g}")
+    fig.colorbar(image, ax=axes[0].tolist(), label=metric)
+    path = os.path.join(out, f"heatmap_{rule.replace('+', '_')}_{metric}.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for rule in sorted({e["rule"] for e in entries}):
+    chosen = [e for e in entries if e["rule"] == rule]
+    ax.errorbar([e["gflops_true"] for e in chosen], [e[metric] for e in chosen],
+                yerr=[e[metric + "_std"] for e in chosen], fmt="o", label=rule, capsize=2)
+  front = pareto_front(entries, metric)
+  ax.plot([e["gflops_true"] for e in front], [e[metric] for e in front], "k--", lw=1,
+          label="Pareto front")
+  ax.set_xlabel("GFLOPs per image per sampling step (true)")
+  ax.set_ylabel(metric)
+  ax.legend(fontsize=7)
+  path = os.path.join(out, f"pareto_{metric}.png")
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return written + [path]
+
+
+def write_outputs(rows: list[dict], out: str, metrics: list[str]) -> list[dict]:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  entries = aggregate(rows)
+  metrics = [m for m in metrics if m in entries[0]]
+  write_table(entries, os.path.join(out, "sweep.md"), metrics)
+  plot(entries, out, metrics[0])
+  return entries
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags of this entry point (defined only when it runs, so modules import cleanly)."""
+  flags.DEFINE_string("workdir", None, "Training run to sample from.")
+  flags.DEFINE_multi_string("grid", None, "Grid spec, e.g. 'rule=sg;omega=1.5,2;gamma_weak=0.8'.")
+  flags.DEFINE_list("seeds", ["0"], "Sample seeds; metrics are averaged over them.")
+  flags.DEFINE_enum("metric", "digits", list(npz.METRICS), "Metrics to compute.")
+  flags.DEFINE_string("reference", None, "Reference batch (.npz) for --metric=adm.")
+  flags.DEFINE_string("inception_weights", None, "Inception weights for --metric=adm.")
+  flags.DEFINE_integer("steps", 40, "Euler steps.")
+  flags.DEFINE_integer("num_samples", 500, "Samples per setting and seed.")
+  flags.DEFINE_integer("batch_size", 250, "Samples per batch.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("aux_workdir", None, "ag rules: run of the auxiliary model.")
+  flags.DEFINE_integer("aux_step", None, "ag rules: checkpoint step of the auxiliary model.")
+  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/sweep).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
+  settings = [s for spec in FLAGS.grid for s in parse_grid(spec)]
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "sweep")
+  rows = run_sweep(FLAGS.workdir, settings, out, seeds=[int(s) for s in FLAGS.seeds],
+                   metric=FLAGS.metric, reference=FLAGS.reference,
+                   inception_weights=FLAGS.inception_weights, steps=FLAGS.steps,
+                   num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
+                   step=FLAGS.step, aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step)
+  metrics = (["fid", "class_accuracy", "diversity", "precision", "recall"]
+             if FLAGS.metric == "digits" else ["fid", "sfid", "inception_score", "precision",
+                                               "recall"])
+  write_outputs(rows, out, metrics)
+  print(open(os.path.join(out, "sweep.md")).read())
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["workdir", "grid"])
+  app.run(main)
