@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from sgjax import checkpoint, guidance as guidance_lib, logs, sampling, sharding
+from sgjax import checkpoint, distributed, guidance as guidance_lib, logs, sampling, sharding
 from sgjax.data import sources
 
 FLAGS = flags.FLAGS
@@ -67,6 +67,15 @@ def save_grid(path: str, images: np.ndarray, labels: np.ndarray, columns: int = 
   grid.save(path)
 
 
+def sampling_mesh(batch_size: int):
+  """All devices, data-parallel; checks that `batch_size` splits over them."""
+  mesh = sharding.make_mesh("data")
+  if batch_size % sharding.data_parallel_size(mesh):
+    raise ValueError(f"--batch_size={batch_size} must be divisible by the"
+                     f" {sharding.data_parallel_size(mesh)} devices.")
+  return mesh
+
+
 def load_models(workdir: str, guidance: guidance_lib.GuidanceConfig, mesh, *, step=None,
                 ema=True, aux_workdir=None, aux_step=None):
   """(model, aux model or None, run config, {step, aux_step}) for a guidance rule."""
@@ -101,13 +110,16 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   jax.block_until_ready(sampler(batches[0], batch_key(0)))  # compile + warm-up
   first_s = time.perf_counter() - start
   start = time.perf_counter()
-  images = [np.asarray(sampler(labels_i, batch_key(i))) for i, labels_i in enumerate(batches)]
+  # Multi-host: every process gathers the whole batch; process 0 alone writes the files.
+  images = [distributed.to_host(sampler(labels_i, batch_key(i)))
+            for i, labels_i in enumerate(batches)]
   wall_s = time.perf_counter() - start
   images = sources.to_uint8(np.concatenate(images)[:num_samples])
 
-  os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, "samples.npz"), images, all_labels)
-  save_grid(os.path.join(out, "grid.png"), images[:100], all_labels[:100])
+  if distributed.is_primary():
+    os.makedirs(out, exist_ok=True)
+    np.savez(os.path.join(out, "samples.npz"), images, all_labels)
+    save_grid(os.path.join(out, "grid.png"), images[:100], all_labels[:100])
   summary = {
       **info, "guidance": dataclasses.asdict(sampler.guidance), "num_samples": num_samples,
       "batch_size": batch_size, "seed": seed, "labels": labels,
@@ -116,8 +128,9 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
       "images_per_s": num_batches * batch_size / wall_s,
       **sampler.plan.summary(),
   }
-  with open(os.path.join(out, "sampling.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if distributed.is_primary():
+    with open(os.path.join(out, "sampling.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   logging.info("%d samples in %.2fs (%.1f images/s, %.3f GFLOPs/image over the trajectory)"
                " -> %s", num_samples, wall_s, summary["images_per_s"],
                summary["trajectory_gflops_true"], out)
@@ -128,10 +141,7 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
         ema=True, aux_workdir=None, aux_step=None, steps=40, solver="euler", nested=False,
         num_samples=64, batch_size=64, labels="balanced", seed=0) -> dict:
   """The `python -m sgjax.sample` command as a function."""
-  mesh = sharding.make_mesh("data")
-  if batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"--batch_size={batch_size} must be divisible by the"
-                     f" {sharding.data_parallel_size(mesh)} devices.")
+  mesh = sampling_mesh(batch_size)
   model, aux_model, _, steps_info = load_models(workdir, guidance, mesh, step=step, ema=ema,
                                                 aux_workdir=aux_workdir, aux_step=aux_step)
   sampler = sampling.Sampler(model, guidance, steps=steps, solver=solver,
@@ -166,11 +176,13 @@ def define_flags() -> None:
   flags.DEFINE_string("labels", "balanced", "balanced | random | comma-separated class ids.")
   flags.DEFINE_integer("seed", 0, "Sample seed.")
   flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples/<rule>).")
+  distributed.define_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()  # multi-host jobs: before any JAX computation
   logs.quiet_libraries()
   out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", FLAGS.guidance)
   run(FLAGS.workdir, guidance_from_flags(), out, step=FLAGS.step, ema=FLAGS.ema,

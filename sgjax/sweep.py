@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from absl import app, flags, logging
 
-from sgjax import guidance as guidance_lib, logs, sample, sampling, sharding
+from sgjax import guidance as guidance_lib, logs, sample, sampling
 from sgjax.metrics import npz
 
 FIELDS = {"rule": str, "omega": float, "gamma_strong": float, "gamma_weak": float,
@@ -77,7 +77,7 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
               steps=40, num_samples=500, batch_size=250, step=None, aux_workdir=None,
               aux_step=None) -> list[dict]:
   """Samples + evaluates every setting and seed (reusing finished ones); one row each."""
-  mesh = sharding.make_mesh("data")
+  mesh = sample.sampling_mesh(batch_size)
   models = {}
   rows = []
   for setting in settings:
@@ -107,7 +107,7 @@ def _row(setting, seed, folder) -> dict:
   with open(os.path.join(folder, "metrics.json")) as f:
     measured = json.load(f)
   row = {name: getattr(setting, name) for name in SETTING_COLUMNS}
-  row.update(seed=seed, gflops_true=sampled["gflops_true"], gflops_paper=sampled["gflops_paper"],
+  row.update(slug=slug(setting), seed=seed, gflops_true=sampled["gflops_true"], gflops_paper=sampled["gflops_paper"],
              nfe=sampled["nfe"], images_per_s=sampled["images_per_s"])
   row.update({k: v for k, v in measured.items() if isinstance(v, (int, float))
               and not k.startswith("num_") and k != "seconds"})
@@ -126,6 +126,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for name in group[0]:
       if name in SETTING_COLUMNS or name == "seed":
         continue
+      if isinstance(group[0][name], str):
+        entry[name] = group[0][name]
+        continue
       values = np.asarray([r[name] for r in group], np.float64)
       entry[name] = float(values.mean())
       entry[name + "_std"] = float(values.std())
@@ -134,12 +137,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def label(entry: dict) -> str:
-  text = f"{entry['rule']} w={entry['omega']:g}"
-  if entry["rule"] not in ("none", "cfg", "ag", "icg") or entry["gamma_strong"] or entry[
-      "gamma_weak"]:
-    text += f" g={entry['gamma_strong']:g}/{entry['gamma_weak']:g}"
+  """'sg omega=2 gamma=0.5/0.9', 'cfg omega=2', 'none'."""
+  if entry["rule"] == "none":
+    text = "none" + (f" gamma={entry['gamma_strong']:g}" if entry["gamma_strong"] else "")
+  else:
+    text = f"{entry['rule']} omega={entry['omega']:g}"
+    if entry["gamma_strong"] or entry["gamma_weak"]:
+      text += f" gamma={entry['gamma_strong']:g}/{entry['gamma_weak']:g}"
   if entry["schedule"] != "constant":
-    text += f" {entry['schedule']}"
+    text += (f" -> {entry['gamma_strong_end']:g}/{entry['gamma_weak_end']:g}"
+             f" ({entry['schedule']})")
   return text
 
 
@@ -160,7 +167,8 @@ def write_table(entries: list[dict], path: str, metrics: list[str]) -> None:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for e in entries:
     cells = [label(e)] + [f"{e[m]:.3f} ± {e[m + '_std']:.3f}" for m in metrics]
-    cells += [f"{e['gflops_true']:.4f}", f"{e['gflops_paper']:.4f}", f"{e['images_per_s']:.1f}"]
+    cells += [f"{e['gflops_true']:.4f}", f"{e['gflops_paper']:.4f}",
+              f"{e['images_per_s']:.1f} ± {e['images_per_s_std']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -229,6 +237,8 @@ def write_outputs(rows: list[dict], out: str, metrics: list[str]) -> list[dict]:
   entries = aggregate(rows)
   metrics = [m for m in metrics if m in entries[0]]
   write_table(entries, os.path.join(out, "sweep.md"), metrics)
+  with open(os.path.join(out, "sweep.json"), "w") as f:
+    json.dump(entries, f, indent=2)
   plot(entries, out, metrics[0])
   return entries
 

@@ -1,0 +1,109 @@
+"""The sampling command, guidance sweeps and the demo report, on a tiny trained run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import digits
+from sgjax import guidance as guidance_lib, report, sample, sweep, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A 4-step digits run: RUN/model holds its checkpoint."""
+  root = tmp_path_factory.mktemp("demo")
+  config = digits.get_config("runlocal")
+  config.train.update(steps=4, ckpt_every=4)
+  train.train(config, str(root / "model"))
+  return root
+
+
+def sg(**overrides):
+  fields = dict(rule="sg", omega=2.0, gamma_strong=0.0, gamma_weak=0.5)
+  return guidance_lib.GuidanceConfig(**{**fields, **overrides})
+
+
+def test_sample_writes_grid_npz_and_report_deterministically(run, tmp_path):
+  a = sample.run(str(run / "model"), sg(), str(tmp_path / "a"), steps=4, num_samples=20,
+                 batch_size=16, seed=3)
+  sample.run(str(run / "model"), sg(), str(tmp_path / "b"), steps=4, num_samples=20,
+             batch_size=16, seed=3)
+  c = sample.run(str(run / "model"), sg(), str(tmp_path / "c"), steps=4, num_samples=20,
+                 batch_size=16, seed=4)
+  load = lambda d: np.load(tmp_path / d / "samples.npz")
+  images, labels = load("a")["arr_0"], load("a")["arr_1"]
+  assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.arange(20) % 10)  # balanced by default
+  np.testing.assert_array_equal(images, load("b")["arr_0"])
+  assert not np.array_equal(images, load("c")["arr_0"])
+  assert (tmp_path / "a" / "grid.png").stat().st_size > 0
+  with open(tmp_path / "a" / "sampling.json") as f:
+    saved = json.load(f)
+  assert saved["guidance"]["rule"] == "sg" and saved["nfe"] == 8 and saved["step"] == 4
+  assert saved["images_per_s"] > 0 and saved["wall_s"] > 0
+  unguided = sample.run(str(run / "model"), guidance_lib.GuidanceConfig(rule="none"),
+                        str(tmp_path / "none"), steps=4, num_samples=16, batch_size=16)
+  assert c["trajectory_gflops_true"] > unguided["trajectory_gflops_true"]
+  assert a["trajectory_gflops_true"] == pytest.approx(4 * a["gflops_true"])
+
+
+def test_sample_rejects_bad_input(run, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    sample.run(str(tmp_path / "empty"), sg(), str(tmp_path / "o"))
+  with pytest.raises(ValueError, match="gamma_strong"):
+    sample.run(str(run / "model"), sg(gamma_weak=0.0), str(tmp_path / "o"))
+  with pytest.raises(ValueError, match="aux"):
+    sample.run(str(run / "model"), guidance_lib.GuidanceConfig(rule="ag"), str(tmp_path / "o"))
+  with pytest.raises(ValueError, match="batch_size=12"):
+    sample.run(str(run / "model"), sg(), str(tmp_path / "o"), batch_size=12)
+  out = subprocess.run([sys.executable, "-m", "sgjax.sample", f"--workdir={run / 'model'}",
+                        "--guidance=sparse"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "XLA_FLAGS": ""}, timeout=120)
+  assert out.returncode != 0 and "sparse" in out.stderr
+
+
+def test_parse_grid_expands_products_and_skips_forbidden_settings():
+  settings = sweep.parse_grid("rule=sg;omega=1.5,2;gamma_strong=0,0.5;gamma_weak=0.5,0.8")
+  pairs = {(s.omega, s.gamma_strong, s.gamma_weak) for s in settings}
+  assert len(settings) == 6 and (1.5, 0.5, 0.5) not in pairs and (2.0, 0.5, 0.8) in pairs
+  with pytest.raises(ValueError, match="unknown field 'omgea'"):
+    sweep.parse_grid("rule=sg;omgea=2")
+
+
+def test_pareto_front_keeps_only_undominated_settings():
+  entries = [dict(gflops_true=1.0, fid=5.0), dict(gflops_true=2.0, fid=6.0),
+             dict(gflops_true=2.0, fid=3.0), dict(gflops_true=3.0, fid=4.0)]
+  front = sweep.pareto_front(entries, "fid")
+  assert [(e["gflops_true"], e["fid"]) for e in front] == [(1.0, 5.0), (2.0, 3.0)]
+  accuracy = [dict(gflops_true=1.0, class_accuracy=0.5), dict(gflops_true=2.0,
+                                                              class_accuracy=0.4)]
+  assert sweep.pareto_front(accuracy, "class_accuracy") == accuracy[:1]
+
+
+def test_sweep_resumes_and_report_fills_every_row(run):
+  kwargs = dict(seeds=(0, 1), steps=3, num_samples=20, batch_size=16)
+  settings = sweep.parse_grid("rule=none") + sweep.parse_grid(
+      "rule=sg;omega=2;gamma_strong=0,0.3;gamma_weak=0.6")
+  rows = sweep.run_sweep(str(run / "model"), settings, str(run / "compare"), **kwargs)
+  assert len(rows) == 6 and all(0 <= r["class_accuracy"] <= 1 for r in rows)
+  first = run / "compare" / sweep.slug(settings[1]) / "seed0" / "samples.npz"
+  stamp = first.stat().st_mtime_ns
+  again = sweep.run_sweep(str(run / "model"), settings, str(run / "compare"), **kwargs)
+  assert first.stat().st_mtime_ns == stamp and again == rows  # nothing recomputed
+  metrics = ["fid", "class_accuracy", "diversity", "precision", "recall"]
+  entries = sweep.write_outputs(rows, str(run / "compare"), metrics)
+  assert len(entries) == 3 and all(e["seeds"] == 2 for e in entries)
+  sweep.write_outputs(rows, str(run / "heatmap"), metrics)
+  for name in ("sweep.csv", "sweep.md", "sweep.json", "pareto_fid.png", "heatmap_sg_fid.png"):
+    assert (run / "compare" / name).exists(), name
+  path = report.write_report(str(run), train_seconds=12.0, sweep_seconds=34.0)
+  text = open(path).read()
+  for entry in entries:
+    assert sweep.label(entry) in text
+  assert "nan" not in text.lower() and "Training took 12 s" in text
