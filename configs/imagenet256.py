@@ -2,7 +2,7 @@
 
     --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing
     --config=configs/imagenet256.py:model=DiT-B/2,sparsity=masking
-    --config=configs/imagenet256.py:runlocal      (a tiny model that runs on a laptop CPU)
+    --config=configs/imagenet256.py:runlocal      (a tiny model on synthetic latents, seconds)
 
 Arguments: model (DiT-/SiT- S|B|L|XL /2|4|8), sparsity (dense|routing|masking), runlocal.
 """
@@ -36,13 +36,14 @@ def get_config(arg=None):
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))
 
   config.data = ml_collections.ConfigDict(dict(
-      source="latents", path="", image_size=32, flip=True, num_workers=8,
+      source="latents", path="", name="", data_dir="", image_size=32, flip=True,
+      num_workers=8,
       # SD-VAE (ft-EMA) latent scale: latents are stored unscaled and multiplied by this.
       latent_scale=0.18215))
 
   config.train = ml_collections.ConfigDict(dict(
       batch_size=256, steps=400_000, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
-      warmup_steps=0, grad_clip=0.0, ema_decay=0.9999,
+      warmup_steps=0, lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999,
       log_every=100, ckpt_every=10_000, keep_ckpts=3, sample_every=0))
 
   config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1))
@@ -52,5 +53,5 @@ def get_config(arg=None):
                         dtype="float32", decoder_depth=2, decoder_width=32, decoder_heads=4,
                         routes=((1, 2, 0.5),) if arg["sparsity"] == "routing" else ())
     config.train.update(batch_size=16, steps=20, log_every=5, ckpt_every=10)
-    config.data.update(num_workers=0)
+    config.data.update(source="synthetic", num_workers=0)
   return config

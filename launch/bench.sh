@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Benchmarks in one line: `bash launch/bench.sh [extra sgjax.bench flags]`.
-# On CPU a small routed DiT (minutes); pass e.g. --model=SiT-XL/2 --dtype=bfloat16 --batch=64
-# on a GPU. Results go to results/bench-<date>.{json,md}.
+# On CPU a DiT-S/2 on 64 tokens routed 1->10 of its 12 blocks (the share of blocks the
+# paper's SiT-XL/2 route covers, 2->24 of 28), in minutes; on a GPU pass e.g.
+# --model=SiT-XL/2 --dtype=bfloat16 --batch=64 --route=2,24. Results: results/bench-<date>.*
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
-exec .venv/bin/python -m sgjax.bench --suite=all --model=DiT-S/2 --input_size=16 --batch=32 \
-  --sample_batch=32 --sample_steps=10 --repeats=3 --steps_per_repeat=2 --matmul_size=1024 "$@"
+exec .venv/bin/python -m sgjax.bench --suite=all --model=DiT-S/2 --input_size=16 --route=1,10 \
+  --batch=32 --sample_batch=32 --sample_steps=10 --repeats=3 --steps_per_repeat=2 \
+  --settings=unguided,cfg,sg_flops,sg_0.5_0.8,sg_fid --matmul_size=1024 "$@"

@@ -79,13 +79,16 @@ def peak_memory_bytes() -> tuple[int | None, str]:
 
 
 def model_config(name: str, sparsity: str, input_size: int, in_channels: int, dtype: str,
-                 gamma: float, num_classes: int) -> dit.DiTConfig:
+                 gamma: float, num_classes: int,
+                 route: tuple[int, int] | None = None) -> dit.DiTConfig:
+  """A model by name; routing uses `route` (start, end) or TREAD's default for its depth."""
   size = dit.parse_model_name(name)
   routes = ()
   if sparsity == "routing":
     depth = size["depth"]
     end = DEFAULT_ROUTE_END.get(depth, depth - 2)
-    routes = (Route(min(2, end), end, gamma),)
+    start, end = route or (min(2, end), end)
+    routes = (Route(start, end, gamma),)
   return dit.DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                        sparsity=sparsity, routes=routes, mask_gamma=gamma, dtype=dtype,
                        **size).validate()
@@ -171,11 +174,15 @@ TRAIN_COLUMNS = [
 ]
 
 
+def _route(args: dict) -> tuple[int, int] | None:
+  return tuple(int(v) for v in args["route"]) if args["route"] else None
+
+
 def run_train_suite(args: dict, peak: float, nominal: float | None) -> list[dict]:
   rows = []
   for mode in args["modes"]:
     cfg = model_config(args["model"], mode, args["input_size"], args["in_channels"],
-                       args["dtype"], args["gamma"], args["num_classes"])
+                       args["dtype"], args["gamma"], args["num_classes"], _route(args))
     logging.info("train bench: %s %s batch %d", args["model"], mode, args["batch"])
     row = bench_train(cfg, args["batch"], args["repeats"], args["steps_per_repeat"], peak)
     row["mfu_nominal_peak"] = row["achieved_tflops"] * 1e12 / nominal if nominal else None
@@ -231,7 +238,7 @@ def run_sample_suite(args: dict) -> list[dict]:
   counts them (CPU), else from the library's true FLOPs.
   """
   cfg = model_config(args["model"], "routing", args["input_size"], args["in_channels"],
-                     args["dtype"], args["gamma"], args["num_classes"])
+                     args["dtype"], args["gamma"], args["num_classes"], _route(args))
   make = train_state.make_model_fn(cfg, 0)
   model, aux_model = make(), train_state.make_model_fn(cfg, 1)()
   batch, repeats = args["sample_batch"], args["repeats"]
@@ -289,6 +296,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
   flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
   flags.DEFINE_float("gamma", 0.5, "Training sparsity rate of routed / masked models.")
+  flags.DEFINE_list("route", None, "start,end of the route (0-based, inclusive); default:"
+                    " TREAD's (2->24 of 28 blocks, 2->8 of 12).")
   flags.DEFINE_list("modes", ["dense", "routing", "masking"], "Sparsity modes to train.")
   flags.DEFINE_integer("batch", 32, "Training batch size.")
   flags.DEFINE_list("settings", list(SAMPLE_SETTINGS), "Guidance settings to sample with.")
@@ -311,8 +320,8 @@ def main(argv):
       "device_kind": device.device_kind, "platform": device.platform,
       "device_count": jax.device_count(), "jax_version": jax.__version__,
       "flags": {name: FLAGS[name].value for name in (
-          "suite", "model", "input_size", "in_channels", "dtype", "gamma", "modes", "batch",
-          "settings", "sample_batch", "sample_steps", "repeats", "steps_per_repeat")},
+          "suite", "model", "input_size", "in_channels", "dtype", "gamma", "route", "modes",
+          "batch", "settings", "sample_batch", "sample_steps", "repeats", "steps_per_repeat")},
       "measured_matmul_peak_tflops": peak / 1e12,
       "nominal_peak_tflops": nominal / 1e12 if nominal else None,
   }

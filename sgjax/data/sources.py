@@ -5,6 +5,8 @@
   download). A fixed split holds out 297 digits for evaluation; training uses the other 1500.
 - `tfds`: any image-classification dataset prepared with tensorflow-datasets, read through
   `tfds.data_source` (ArrayRecord, random access, no TensorFlow needed).
+- `synthetic`: N(0, 1) images with uniform labels, a pure function of the index: for
+  smoke runs and benchmarks on machines without the data.
 - `latents`: precomputed VAE latents in ArrayRecord shards. Record schema: each record is the
   bytes of an uncompressed `.npz` (`np.savez`) holding `latent` (float16 or float32
   [H, W, C], unscaled VAE latent) and `label` (int scalar). See `encode_latent_record`.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import io
-import os
 
 import numpy as np
 
@@ -71,14 +72,16 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir: str | None, image_size: int):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if not os.path.isdir(builder.data_dir) or not builder.info.splits:
+    try:  # download=False: a missing dataset fails now instead of retrying the network
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False)
+    except Exception as e:  # tfds raises assorted types for "not prepared"
       raise FileNotFoundError(
-          f"tfds dataset {name!r} is not prepared under {builder.data_dir!r}. Prepare it once"
-          f" on a machine with network access (`tfds build {name} --data_dir=DIR"
-          " --file_format=array_record`), copy DIR here and pass --config.data.data_dir=DIR."
-          " sgjax never downloads at training time.")
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+          f"tfds dataset {name!r} (split {split!r}) is not prepared under data_dir="
+          f"{data_dir or '~/tensorflow_datasets'!r}. Prepare it once on a machine with network"
+          f" access (`tfds build {name} --data_dir=DIR --file_format=array_record`), copy DIR"
+          " here and pass --config.data.data_dir=DIR. sgjax never downloads at training time."
+          f" ({type(e).__name__}: {e})") from e
     self.image_size = image_size
 
   def __len__(self) -> int:
@@ -134,8 +137,24 @@ class LatentSource:
     return {"image": latent, "label": np.int32(record["label"])}
 
 
-def make_source(data_cfg, split: str = "train"):
-  """The source named by config.data (source, path, name, data_dir, image_size...)."""
+class SyntheticSource:
+  """`size` random images [image_size, image_size, channels] and labels, fixed per index."""
+
+  def __init__(self, size: int, image_size: int, channels: int, num_classes: int):
+    self.size, self.shape, self.num_classes = size, (image_size, image_size, channels), num_classes
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, i):
+    rng = np.random.default_rng(int(i))
+    return {"image": rng.standard_normal(self.shape, np.float32),
+            "label": np.int32(rng.integers(self.num_classes))}
+
+
+def make_source(data_cfg, split: str = "train", model_cfg=None):
+  """The source named by config.data (source, path, name, data_dir, image_size...);
+  `model_cfg` gives the shapes of synthetic data."""
   kind = data_cfg.source
   if kind == "digits":
     images, labels = digits_split(split)
@@ -144,4 +163,8 @@ def make_source(data_cfg, split: str = "train"):
     return TfdsSource(data_cfg.name, split, data_cfg.get("data_dir"), data_cfg.image_size)
   if kind == "latents":
     return LatentSource(data_cfg.path, data_cfg.latent_scale)
-  raise ValueError(f"data.source={kind!r}: choose one of 'digits', 'tfds', 'latents'.")
+  if kind == "synthetic":
+    return SyntheticSource(10_000, model_cfg.input_size, model_cfg.in_channels,
+                           model_cfg.num_classes)
+  raise ValueError(f"data.source={kind!r}: choose one of 'digits', 'tfds', 'latents',"
+                   " 'synthetic'.")
