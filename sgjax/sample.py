@@ -67,6 +67,21 @@ def save_grid(path: str, images: np.ndarray, labels: np.ndarray, columns: int = 
   grid.save(path)
 
 
+def preview_grid(model, mesh, path: str, *, seed: int = 0, steps: int = 20) -> None:
+  """An unguided, class-balanced grid of up to 100 samples (2 per class for small label
+  sets) written to `path` by process 0; every process takes part in the sampling."""
+  devices = sharding.data_parallel_size(mesh)
+  count = min(100, 2 * model.cfg.num_classes)
+  count = -(-count // devices) * devices
+  labels = np.arange(count, dtype=np.int32) % model.cfg.num_classes
+  sampler = sampling.Sampler(model, guidance_lib.GuidanceConfig(rule="none"), steps=steps,
+                             mesh=mesh)
+  images = sources.to_uint8(distributed.to_host(sampler(labels, seed)))
+  if distributed.is_primary():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_grid(path, images, labels)
+
+
 def sampling_mesh(batch_size: int):
   """All devices, data-parallel; checks that `batch_size` splits over them."""
   mesh = sharding.make_mesh("data")

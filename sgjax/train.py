@@ -17,9 +17,11 @@ import signal
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
-from sgjax import checkpoint, config as config_lib, flow, logs, sharding, train_state
+from sgjax import checkpoint, config as config_lib, distributed, flow, logs, sample, sharding
+from sgjax import train_state
 from sgjax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
@@ -42,11 +44,11 @@ class Preemption:
     self.requested = True
 
 
-def prepare_workdir(config, workdir: str) -> None:
+def prepare_workdir(config, workdir: str, latest_step: int | None) -> None:
   """Refuses a workdir that holds another run; writes the resolved config.json."""
   path = os.path.join(workdir, "config.json")
   current = config.to_dict()
-  if os.path.exists(path) and checkpoint.Checkpointer(workdir).latest_step() is not None:
+  if latest_step is not None and os.path.exists(path):
     with open(path) as f:
       for change in config_lib.resume_changes(json.load(f), current):
         logging.info("resuming with a changed setting: %s", change)
@@ -76,8 +78,11 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   optim_cfg = train_state.OptimConfig.from_train_config(config.train)
   mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices)
   check_batch(config.train.batch_size, mesh)
-  prepare_workdir(config, workdir)
-  source = sources.make_source(config.data, "train")
+  # Every process opens the checkpoints the same way (orbax synchronises them).
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  start = ckpt.latest_step()
+  prepare_workdir(config, workdir, start)
+  source = sources.make_source(config.data, "train", model_cfg)
   data_iter = pipeline.make_iterator(
       source, batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
       flip=config.data.flip, num_workers=config.data.num_workers,
@@ -87,8 +92,6 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   tx = train_state.make_optimizer(optim_cfg)
   graphdef, abstract, shardings = train_state.abstract_state(
       model_cfg, tx, mesh, config.mesh.preset, config.seed)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  start = ckpt.latest_step()
   if start is None:
     start = 0
     state = train_state.init_state(model_cfg, tx, shardings, config.seed)
@@ -107,6 +110,8 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                              batch_size=config.train.batch_size,
                              tokens_per_image=model_cfg.num_tokens,
                              enabled=jax.process_index() == 0)
+  # EMA sample grids while training; latents would need the VAE to become pictures.
+  previews = config.train.sample_every > 0 and config.data.source != "latents"
   preemption = Preemption()
   pending, last = [], {}
   last_saved = start
@@ -126,6 +131,10 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
       if save:
         ckpt.save(step, state, data_iter, config.to_dict())
         last_saved = step
+      if previews and step % config.train.sample_every == 0:
+        sample.preview_grid(nnx.merge(graphdef, state["ema"]), mesh,
+                            os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                            seed=config.seed)
       if preemption.requested:
         logging.warning("stopped at step %d with a checkpoint; run the same command to resume",
                         step)
@@ -154,11 +163,13 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Config file: configs/NAME.py[:arg].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config.json).")
+  distributed.define_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()  # multi-host jobs: before any JAX computation
   logs.quiet_libraries()
   train(FLAGS.config, FLAGS.workdir)
 
