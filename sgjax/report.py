@@ -52,7 +52,7 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
       f" {last['loss']:.3f}. Training took {train_seconds:.0f} s, sampling and evaluating"
       f" every setting below {sweep_seconds:.0f} s.",
       "",
-      "Each row: 300 class-balanced samples per seed, 40 Euler steps, EMA weights; mean ± std"
+      "Each row: 200 class-balanced samples per seed, 40 Euler steps, EMA weights; mean ± std"
       " over 3 seeds. Metrics come from a digits classifier (99% held-out accuracy):"
       " digits-FID of its features against the 297 held-out digits (lower is better; real"
       " training digits score about 4.3), class accuracy of the samples, diversity (mean"

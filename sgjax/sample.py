@@ -108,11 +108,12 @@ def load_models(workdir: str, guidance: guidance_lib.GuidanceConfig, mesh, *, st
 
 
 def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batch_size: int,
-                  labels: str, seed: int, info: dict) -> dict:
+                  labels: str, seed: int, info: dict, warmup: bool = True) -> dict:
   """Runs `sampler` and writes grid.png, samples.npz, sampling.json; returns the summary.
 
   Batches have a fixed shape (the last is padded), so images depend on the seed and
-  batch_size but never on the device count.
+  batch_size but never on the device count. `warmup` runs the first batch once untimed
+  (compilation); pass False when this sampler has already run a batch of this size.
   """
   base = jax.random.key(seed)
   all_labels = make_labels(labels, num_samples, sampler.num_classes,
@@ -121,9 +122,11 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   batches = np.resize(all_labels, num_batches * batch_size).reshape(num_batches, batch_size)
   batch_key = lambda i: jax.random.fold_in(jax.random.fold_in(base, 1), i)
 
-  start = time.perf_counter()
-  jax.block_until_ready(sampler(batches[0], batch_key(0)))  # compile + warm-up
-  first_s = time.perf_counter() - start
+  first_s = None
+  if warmup:
+    start = time.perf_counter()
+    jax.block_until_ready(sampler(batches[0], batch_key(0)))  # compile + warm-up
+    first_s = time.perf_counter() - start
   start = time.perf_counter()
   # Multi-host: every process gathers the whole batch; process 0 alone writes the files.
   images = [distributed.to_host(sampler(labels_i, batch_key(i)))

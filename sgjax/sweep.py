@@ -81,7 +81,7 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   models = {}
   rows = []
   for setting in settings:
-    sampler = None
+    sampler, warm = None, False
     for seed in seeds:
       folder = os.path.join(out, slug(setting), f"seed{seed}")
       if not _done(folder):
@@ -93,8 +93,9 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
           sampler = sampling.Sampler(model, setting, steps=steps, aux_model=aux_model,
                                      mesh=mesh)
         sample.sample_to_dir(sampler, folder, num_samples=num_samples, batch_size=batch_size,
-                             labels="balanced", seed=seed,
+                             labels="balanced", seed=seed, warmup=not warm,
                              info={"workdir": os.path.abspath(workdir), **info})
+        warm = True
         npz.evaluate_npz(os.path.join(folder, "samples.npz"), reference, metric,
                          inception_weights, batch_size)
       rows.append(_row(setting, seed, folder))
