@@ -4,7 +4,7 @@
 #   bash launch/tpu_pod.sh [options] create
 #   bash launch/tpu_pod.sh [options] setup          # copy this checkout to all workers, install
 #   bash launch/tpu_pod.sh [options] run -- --config=configs/imagenet256.py:model=SiT-XL/2 \
-#       --workdir=gs://BUCKET/sit_xl --config.data.path='gs://BUCKET/latents/train-*'
+#       --workdir=/mnt/bucket/sit_xl --config.data.path='/mnt/bucket/latents/train-*'
 #   bash launch/tpu_pod.sh [options] stop           # SIGTERM: the run checkpoints and exits
 #   bash launch/tpu_pod.sh [options] delete
 #
@@ -16,7 +16,8 @@
 #   --module=M [sgjax.train] (run: also sgjax.sample)   --detach (run: nohup, log on workers)
 #   --dry-run: print the exact commands without running them.
 # Every worker runs the same command with --distributed=tpu (sgjax/distributed.py), so the
-# workdir must be storage all workers share (gs://...).
+# workdir must be storage all workers share (e.g. a bucket mounted with gcsfuse at the same
+# path on every worker; gs:// URLs are not supported yet).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 

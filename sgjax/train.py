@@ -2,7 +2,7 @@
 
     python -m sgjax.train --config=configs/digits.py --workdir=runs/digits
     python -m sgjax.train --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing \
-        --workdir=gs://bucket/sit_xl --config.data.path='/data/latents/train-*'
+        --workdir=/shared/runs/sit_xl --config.data.path='/data/latents/train-*'
 
 Starting again with the same workdir resumes from its latest checkpoint. SIGTERM / SIGINT
 (pod preemption, Ctrl-C) save a checkpoint and exit cleanly.
