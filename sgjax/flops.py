@@ -204,12 +204,8 @@ def main(argv):
   if FLAGS.guidance is None:
     print(json.dumps(report(cfg, FLAGS.gamma, name)))
     return
-  guidance = guidance_lib.GuidanceConfig(
-      rule=FLAGS.guidance, omega=FLAGS.omega, gamma_strong=FLAGS.gamma_strong,
-      gamma_weak=FLAGS.gamma_weak, schedule=FLAGS.schedule,
-      gamma_strong_end=FLAGS.gamma_strong_end, gamma_weak_end=FLAGS.gamma_weak_end,
-      num_levels=FLAGS.num_levels).validate()
-  print(json.dumps(guided_report(cfg, guidance, FLAGS.steps, name)))
+  from sgjax import sample  # pylint: disable=g-import-not-at-top
+  print(json.dumps(guided_report(cfg, sample.guidance_from_flags(), FLAGS.steps, name)))
 
 
 if __name__ == "__main__":
@@ -221,15 +217,9 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_float("gamma", 0.0, "Inference sparsity rate applied to every route (one"
                      " forward pass; ignored with --guidance).")
-  flags.DEFINE_enum("guidance", None, list(guidance_lib.RULES),
-                    "Report one guided sampling step of this rule instead of one forward pass.")
-  flags.DEFINE_float("omega", 1.5, "Guidance scale (does not change FLOPs).")
-  flags.DEFINE_float("gamma_strong", 0.0, "Sparsity rate of the strong branch.")
-  flags.DEFINE_float("gamma_weak", 0.0, "Sparsity rate of the weak branch.")
-  flags.DEFINE_enum("schedule", "constant", list(guidance_lib.SCHEDULES), "Gamma schedule.")
-  flags.DEFINE_float("gamma_strong_end", None, "cosine: strong rate at the last step.")
-  flags.DEFINE_float("gamma_weak_end", None, "cosine: weak rate at the last step.")
-  flags.DEFINE_integer("num_levels", 8, "cosine: number of quantised schedule levels.")
+  from sgjax import sample  # pylint: disable=g-import-not-at-top
+  # --guidance (default: none given) reports one guided sampling step instead of a forward pass.
+  sample.define_guidance_flags(default_rule=None)
   flags.DEFINE_integer("steps", 40, "Euler sampling steps (matters for schedules).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

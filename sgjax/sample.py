@@ -25,13 +25,26 @@ from sgjax.data import sources
 FLAGS = flags.FLAGS
 
 
+def define_guidance_flags(default_rule: str | None = "sg") -> None:
+  """The guidance flags shared by `sgjax.sample` and `sgjax.flops`."""
+  flags.DEFINE_enum("guidance", default_rule, list(guidance_lib.RULES), "Guidance rule.")
+  flags.DEFINE_float("omega", 1.5, "Guidance scale (1 = no guidance).")
+  flags.DEFINE_float("gamma_strong", 0.0, "Sparsity rate of the strong branch.")
+  flags.DEFINE_float("gamma_weak", 0.0, "Sparsity rate of the weak branch.")
+  flags.DEFINE_enum("schedule", "constant", list(guidance_lib.SCHEDULES), "Gamma schedule.")
+  flags.DEFINE_float("gamma_strong_end", None, "cosine: strong-branch rate at the last step.")
+  flags.DEFINE_float("gamma_weak_end", None, "cosine: weak-branch rate at the last step.")
+  flags.DEFINE_integer("num_levels", 8, "cosine: number of quantised schedule levels.")
+  flags.DEFINE_list("interval", None, "t_min,t_max: guide only inside this interval of t.")
+
+
 def guidance_from_flags() -> guidance_lib.GuidanceConfig:
   interval = None if not FLAGS.interval else tuple(float(v) for v in FLAGS.interval)
   return guidance_lib.GuidanceConfig(
       rule=FLAGS.guidance, omega=FLAGS.omega, gamma_strong=FLAGS.gamma_strong,
       gamma_weak=FLAGS.gamma_weak, schedule=FLAGS.schedule,
       gamma_strong_end=FLAGS.gamma_strong_end, gamma_weak_end=FLAGS.gamma_weak_end,
-      interval=interval).validate()
+      num_levels=FLAGS.num_levels, interval=interval).validate()
 
 
 def make_labels(spec: str, num_samples: int, num_classes: int, key: jax.Array) -> np.ndarray:
@@ -175,14 +188,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training run to sample from.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights.")
-  flags.DEFINE_enum("guidance", "sg", list(guidance_lib.RULES), "Guidance rule.")
-  flags.DEFINE_float("omega", 1.5, "Guidance scale (1 = no guidance).")
-  flags.DEFINE_float("gamma_strong", 0.0, "Sparsity rate of the strong branch.")
-  flags.DEFINE_float("gamma_weak", 0.0, "Sparsity rate of the weak branch.")
-  flags.DEFINE_enum("schedule", "constant", list(guidance_lib.SCHEDULES), "Gamma schedule.")
-  flags.DEFINE_float("gamma_strong_end", None, "cosine: strong-branch rate at the last step.")
-  flags.DEFINE_float("gamma_weak_end", None, "cosine: weak-branch rate at the last step.")
-  flags.DEFINE_list("interval", None, "t_min,t_max: guide only inside this interval of t.")
+  define_guidance_flags()
   flags.DEFINE_string("aux_workdir", None, "ag / ag+sg: run holding the auxiliary model.")
   flags.DEFINE_integer("aux_step", None, "ag / ag+sg: checkpoint step of the auxiliary model.")
   flags.DEFINE_integer("steps", 40, "Solver steps.")
