@@ -25,7 +25,7 @@ def get_config(arg=None):
       num_heads=4, mlp_ratio=4.0, num_classes=10, sparsity=sparsity,
       routes=((1, 4, 0.5),) if sparsity == "routing" else (),
       mask_gamma=0.5, decoder_depth=2, decoder_width=64, decoder_heads=4,
-      dtype="float32"))
+      dtype="float32", remat="none"))
 
   config.flow = ml_collections.ConfigDict(dict(
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))
@@ -39,7 +39,7 @@ def get_config(arg=None):
       warmup_steps=50, lr_schedule="constant", grad_clip=1.0, ema_decay=0.995,
       log_every=50, ckpt_every=250, keep_ckpts=2, sample_every=250))
 
-  config.mesh = ml_collections.ConfigDict(dict(preset="data", tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(preset="data", tensor=1, dcn_data=1))
 
   if arg["runlocal"]:
     config.model.update(width=32, depth=3, routes=((1, 1, 0.5),) if sparsity == "routing"

@@ -2,9 +2,11 @@
 
     --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing
     --config=configs/imagenet256.py:model=DiT-B/2,sparsity=masking
+    --config=configs/imagenet256.py:model=SiT-2.5B/2,latent_size=64   (512x512, 2.57B)
     --config=configs/imagenet256.py:runlocal      (a tiny model on synthetic latents, seconds)
 
-Arguments: model (DiT-/SiT- S|B|L|XL /2|4|8), sparsity (dense|routing|masking), runlocal.
+Arguments: model (DiT-/SiT- S|B|L|XL|2.5B /2|4|8), sparsity (dense|routing|masking),
+latent_size (32 for 256x256 images, 64 for 512x512), runlocal.
 """
 
 import ml_collections
@@ -14,29 +16,31 @@ from sgjax.models import dit
 
 # Route r2->24 for XL (28 blocks), r2->8 for B (12 blocks): TREAD's defaults, 0-based and
 # inclusive. Other depths keep the same proportions.
-ROUTES = {28: ((2, 24, 0.5),), 24: ((2, 20, 0.5),), 12: ((2, 8, 0.5),)}
+ROUTES = {28: ((2, 24, 0.5),), 24: ((2, 20, 0.5),), 12: ((2, 8, 0.5),),
+          34: ((2, 30, 0.5),)}  # 34: the text-to-image TR-DiT's route
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, model="SiT-XL/2", sparsity="routing", runlocal=False)
+  arg = config_lib.parse_arg(arg, model="SiT-XL/2", sparsity="routing", latent_size=32,
+                             runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
   size = dit.parse_model_name(arg["model"])
   config.model = ml_collections.ConfigDict(dict(
-      name=arg["model"], input_size=32, in_channels=4, num_classes=1000, mlp_ratio=4.0,
-      sparsity=arg["sparsity"],
+      name=arg["model"], input_size=arg["latent_size"], in_channels=4, num_classes=1000,
+      mlp_ratio=4.0, sparsity=arg["sparsity"],
       routes=ROUTES[size["depth"]] if arg["sparsity"] == "routing" else (),
       mask_gamma=0.5,
       # MaskDiT decoder, paper default.
       decoder_depth=8, decoder_width=512, decoder_heads=16,
-      dtype="bfloat16", **size))
+      dtype="bfloat16", remat="none", **size))
 
   config.flow = ml_collections.ConfigDict(dict(
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))
 
   config.data = ml_collections.ConfigDict(dict(
-      source="latents", path="", name="", data_dir="", image_size=32, flip=True,
+      source="latents", path="", name="", data_dir="", image_size=arg["latent_size"], flip=True,
       num_workers=8,
       # SD-VAE (ft-EMA) latent scale: latents are stored unscaled and multiplied by this.
       latent_scale=0.18215))
@@ -46,7 +50,7 @@ def get_config(arg=None):
       warmup_steps=0, lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999,
       log_every=100, ckpt_every=10_000, keep_ckpts=3, sample_every=0))
 
-  config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1, dcn_data=1))
 
   if arg["runlocal"]:
     config.model.update(depth=4, width=64, num_heads=4, input_size=8, patch_size=2,

@@ -11,6 +11,7 @@ ml_collections or tensorflow-datasets), so it runs on a bare accelerator image.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -23,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from sgjax import flops as flops_lib
-from sgjax import flow, guidance as guidance_lib, sampling, sharding, train_state
+from sgjax import flow, guidance as guidance_lib, sampling, sharding, sparsity, train_state
 from sgjax.models import dit
 from sgjax.sparsity import Route
 
@@ -38,8 +40,9 @@ NOMINAL_PEAK_TFLOPS = {
     "TPU v5": 459.0,  # v5p
     "TPU v6 lite": 918.0,  # v6e (Trillium)
 }
-# TREAD's route proportions: r2->24 of 28, r2->20 of 24, r2->8 of 12 (0-based, inclusive).
-DEFAULT_ROUTE_END = {28: 24, 24: 20, 12: 8}
+# TREAD's route proportions: r2->24 of 28, r2->20 of 24, r2->8 of 12, and the text-to-image
+# model's r2->30 of 34 (0-based, inclusive).
+DEFAULT_ROUTE_END = {28: 24, 24: 20, 12: 8, 34: 30}
 
 
 def time_fn(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -284,13 +287,60 @@ def run_sample_suite(args: dict) -> list[dict]:
   return rows
 
 
+FORWARD_COLUMNS = [
+    ("gamma", "gamma", ".2f"), ("kept_tokens", "kept tokens", "d"),
+    ("forward_ms", "ms per forward (median)", ".2f"),
+    ("gflops_per_image", "GFLOPs/img", ".3f"), ("achieved_gflops", "GFLOP/s", ".1f"),
+    ("flops_efficiency", "GFLOP/s vs dense", ".1%"),
+]
+
+
+def run_forward_profile(args: dict) -> list[dict]:
+  """Where guided sampling's time goes: one forward pass of the routed model at each rate.
+
+  A guided step costs f(gamma_strong) + f(gamma_weak); predictions from FLOPs assume every
+  pass runs at the same FLOP/s. These rows measure f(gamma) and its FLOP/s, so a measured
+  speedup that falls short shows whether the sparse passes themselves run slower per FLOP
+  (smaller matmuls, gather/scatter) or the time goes elsewhere in the sampling loop.
+  """
+  cfg = model_config(args["model"], "routing", args["input_size"], args["in_channels"],
+                     args["dtype"], args["gamma"], args["num_classes"], _route(args))
+  graphdef, state = nnx.split(train_state.make_model_fn(cfg, 0)())
+  batch = args["sample_batch"]
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (batch, cfg.input_size, cfg.input_size, cfg.in_channels))
+  t = jnp.full((batch,), 0.5)
+  labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
+  count_compiled = jax.devices()[0].platform == "cpu"
+  rows = []
+  for gamma in sorted({0.0, *(float(g) for g in args["forward_gammas"])}):
+
+    def forward(state, x, t, labels, key, gamma=gamma):
+      model = nnx.merge(graphdef, state)
+      return model(x, t, labels, model.draw_subsets(key, batch, gamma))
+
+    compiled = jax.jit(forward).lower(state, x, t, labels, key).compile()
+    timing = time_fn(lambda: compiled(state, x, t, labels, key).block_until_ready(),
+                     args["repeats"] * args["steps_per_repeat"], warmup=2)
+    flops = (compiled.cost_analysis()["flops"] if count_compiled
+             else flops_lib.forward_flops(cfg, gamma).true * batch)
+    rows.append({"gamma": gamma, "kept_tokens": sparsity.num_kept(cfg.num_tokens, gamma),
+                 "forward_ms": timing["median_s"] * 1e3, "forward_min_ms": timing["min_s"] * 1e3,
+                 "forward_max_ms": timing["max_s"] * 1e3, "gflops_per_image": flops / batch / 1e9,
+                 "achieved_gflops": flops / timing["median_s"] / 1e9})
+    print(json.dumps(rows[-1]), flush=True)
+  for row in rows:
+    row["flops_efficiency"] = row["achieved_gflops"] / rows[0]["achieved_gflops"]
+  return rows
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Flags of this entry point (defined only when it runs, so modules import cleanly)."""
   flags.DEFINE_enum("suite", "all", ["train", "sample", "all"], "What to measure.")
-  flags.DEFINE_string("model", "DiT-S/2", "DiT-/SiT- S|B|L|XL / patch.")
+  flags.DEFINE_string("model", "DiT-S/2", "DiT-/SiT- S|B|L|XL|2.5B / patch.")
   flags.DEFINE_integer("input_size", 32, "Latent (or pixel) height = width.")
   flags.DEFINE_integer("in_channels", 4, "Input channels.")
   flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
@@ -301,12 +351,16 @@ def define_flags() -> None:
   flags.DEFINE_list("modes", ["dense", "routing", "masking"], "Sparsity modes to train.")
   flags.DEFINE_integer("batch", 32, "Training batch size.")
   flags.DEFINE_list("settings", list(SAMPLE_SETTINGS), "Guidance settings to sample with.")
+  flags.DEFINE_list("forward_gammas", ["0.5", "0.8", "0.9"], "Sparsity rates whose single"
+                    " forward pass the sample suite times (beside dense).")
   flags.DEFINE_integer("sample_batch", 64, "Sampling batch size.")
   flags.DEFINE_integer("sample_steps", 40, "Euler steps per sampling run.")
   flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
   flags.DEFINE_integer("steps_per_repeat", 3, "Train steps per timed repeat.")
   flags.DEFINE_integer("matmul_size", 4096, "Matrix size of the peak-FLOP/s probe.")
   flags.DEFINE_string("out", "results", "Folder for bench-<date>.json / .md.")
+  flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the measured runs"
+                      " here (open with TensorBoard's profile plugin or Perfetto).")
 
 
 def main(argv):
@@ -321,7 +375,8 @@ def main(argv):
       "device_count": jax.device_count(), "jax_version": jax.__version__,
       "flags": {name: FLAGS[name].value for name in (
           "suite", "model", "input_size", "in_channels", "dtype", "gamma", "route", "modes",
-          "batch", "settings", "sample_batch", "sample_steps", "repeats", "steps_per_repeat")},
+          "batch", "settings", "forward_gammas", "sample_batch", "sample_steps", "repeats",
+          "steps_per_repeat")},
       "measured_matmul_peak_tflops": peak / 1e12,
       "nominal_peak_tflops": nominal / 1e12 if nominal else None,
   }
@@ -329,17 +384,31 @@ def main(argv):
   results, table = {}, (f"{FLAGS.model}, {FLAGS.dtype}, {device.device_kind}, jax"
                         f" {jax.__version__}, {meta['date']}; measured {FLAGS.dtype} matmul"
                         f" peak {peak / 1e12:.2f} TFLOP/s\n\n")
-  if FLAGS.suite in ("train", "all"):
-    results["train"] = run_train_suite(args, peak, nominal)
-    table += f"### Training (batch {FLAGS.batch})\n\n" + markdown(results["train"],
-                                                                 TRAIN_COLUMNS) + "\n"
-  if FLAGS.suite in ("sample", "all"):
-    results["sample"] = run_sample_suite(args)
-    table += (f"### Sampling (batch {FLAGS.sample_batch}, {FLAGS.sample_steps} Euler steps,"
-              " routed model)\n\n" + markdown(results["sample"], SAMPLE_COLUMNS))
+  profiling = (jax.profiler.trace(FLAGS.profile_dir) if FLAGS.profile_dir
+               else contextlib.nullcontext())
+  with profiling:
+    table += run_suites(args, peak, nominal, results)
   base = write_results(FLAGS.out, meta, results, table)
   print(table)
-  print(f"wrote {base}.json and {base}.md")
+  print(f"wrote {base}.json and {base}.md"
+        + (f"; profile in {FLAGS.profile_dir}" if FLAGS.profile_dir else ""))
+
+
+def run_suites(args: dict, peak: float, nominal: float | None, results: dict) -> str:
+  """Runs the suites `args["suite"]` names into `results`; returns their Markdown tables."""
+  table = ""
+  if args["suite"] in ("train", "all"):
+    results["train"] = run_train_suite(args, peak, nominal)
+    table += f"### Training (batch {args['batch']})\n\n" + markdown(results["train"],
+                                                                   TRAIN_COLUMNS) + "\n"
+  if args["suite"] in ("sample", "all"):
+    results["sample"] = run_sample_suite(args)
+    results["forward"] = run_forward_profile(args)
+    table += (f"### Sampling (batch {args['sample_batch']}, {args['sample_steps']} Euler"
+              " steps, routed model)\n\n" + markdown(results["sample"], SAMPLE_COLUMNS)
+              + f"\n### One forward pass per sparsity rate (batch {args['sample_batch']})\n\n"
+              + markdown(results["forward"], FORWARD_COLUMNS))
+  return table
 
 
 if __name__ == "__main__":

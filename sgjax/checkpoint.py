@@ -1,6 +1,7 @@
-"""Orbax checkpoints of a run: params, EMA, optimizer state, data-iterator state, config.
+"""Orbax checkpoints of a run: params, EMA, optimizer state, config.
 
-Layout: WORKDIR/checkpoints/<step>/{params,ema,opt_state,data,config}. Orbax writes each
+Layout: WORKDIR/checkpoints/<step>/{params,ema,opt_state,config}. The data position needs no
+state of its own: it is a function of the step (see `sgjax.data.pipeline`). Orbax writes each
 step into a temporary directory and renames it only when complete, so the latest visible
 checkpoint is always whole; a run killed mid-save resumes from the previous one.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -41,16 +41,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: train_state.State, data_iter, config_dict: dict) -> None:
+  def save(self, step: int, state: train_state.State, config_dict: dict) -> None:
     items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     items["config"] = ocp.args.JsonSave(config_dict)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract: train_state.State, data_iter) -> train_state.State:
-    """Restores into the shardings of `abstract` (any mesh) and rewinds `data_iter`."""
+  def restore(self, step: int, abstract: train_state.State) -> train_state.State:
+    """Restores into the shardings of `abstract` (any mesh and process count)."""
     items = {name: ocp.args.StandardRestore(abstract[name]) for name in STATE_ITEMS}
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     state = {name: restored[name] for name in STATE_ITEMS}
     step_sharding = abstract["step"].sharding

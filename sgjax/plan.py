@@ -1,7 +1,7 @@
 """Memory plan of a training run before renting the hardware: bytes per device.
 
     python -m sgjax.plan --config=configs/imagenet256.py:model=SiT-XL/2 --mesh=fsdp \
-        --devices=8 --batch=256 --device_memory=80
+        --devices=8 --batch=256 --device_memory=80 [--config.model.remat=full]
 
 Nothing is allocated and no real devices are needed: the train state comes from the same
 `train_state.abstract_state` / `make_optimizer` that training uses, its shardings from
@@ -34,18 +34,13 @@ GIB = 2**30
 ITEMS = ("params", "ema", "opt_state", "grads", "activations")
 
 
-def abstract_mesh(preset: str, devices: int, tensor: int = 1) -> AbstractMesh:
+def abstract_mesh(preset: str, devices: int, tensor: int = 1,
+                  dcn_data: int = 1) -> AbstractMesh:
   """The ("data", "fsdp", "tensor") mesh `sharding.make_mesh` would build over `devices`."""
   if devices < 1:
     raise ValueError(f"--devices={devices} must be positive.")
-  sharding.rules(preset)  # validates the preset name
-  if preset != "fsdp_tensor" and tensor != 1:
-    raise ValueError(f"--tensor={tensor} needs --mesh=fsdp_tensor (got {preset!r}).")
-  if tensor < 1 or devices % tensor:
-    raise ValueError(f"--tensor={tensor} must be >= 1 and divide --devices={devices}.")
-  shape = {"data": (devices, 1, 1), "fsdp": (1, devices, 1),
-           "fsdp_tensor": (1, devices // tensor, tensor)}[preset]
-  return AbstractMesh(shape, sharding.MESH_AXES,
+  ici, dcn = sharding.mesh_shapes(preset, devices, tensor, dcn_data)
+  return AbstractMesh(tuple(i * d for i, d in zip(ici, dcn)), sharding.MESH_AXES,
                       axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
@@ -91,20 +86,23 @@ def activation_bytes(graphdef, params: Any, model_cfg, loss_cfg: flow.LossConfig
 
 
 def make_plan(config, *, preset: str | None = None, devices: int = 8, tensor: int | None = None,
-              batch: int | None = None, device_memory_gib: float | None = None,
+              dcn_data: int | None = None, batch: int | None = None,
+              device_memory_gib: float | None = None,
               activations: bool = True) -> dict[str, Any]:
   """The memory plan of training `config` (an ml_collections config) on `devices` devices.
 
-  preset / tensor / batch default to the config's mesh.preset, mesh.tensor and
-  train.batch_size. Returns a JSON-able dict; bytes are per device unless named `global`.
+  preset / tensor / dcn_data / batch default to the config's mesh.preset, mesh.tensor,
+  mesh.dcn_data and train.batch_size. Returns a JSON-able dict; bytes are per device unless
+  named `global`.
   """
   preset = preset or config.mesh.preset
   tensor = tensor if tensor is not None else (config.mesh.tensor if preset == "fsdp_tensor"
                                               else 1)
+  dcn_data = dcn_data or config.mesh.dcn_data
   batch = batch or config.train.batch_size
   model_cfg = config_lib.model_config(config.model)
   loss_cfg = flow.LossConfig(**config.flow).validate()
-  mesh = abstract_mesh(preset, devices, tensor)
+  mesh = abstract_mesh(preset, devices, tensor, dcn_data)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % data_parallel:
     raise ValueError(f"--batch={batch} is not divisible by the data-parallel size"
@@ -122,7 +120,7 @@ def make_plan(config, *, preset: str | None = None, devices: int = 8, tensor: in
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract["params"]))
   plan = {
       "config": {"model": config.model.name, "sparsity": model_cfg.sparsity,
-                 "dtype": model_cfg.dtype},
+                 "dtype": model_cfg.dtype, "remat": model_cfg.remat},
       "mesh": {"preset": preset, "devices": devices, "shape": dict(mesh.shape)},
       "batch": {"global": batch, "per_device": batch // data_parallel},
       "num_params": num_params,
@@ -153,8 +151,9 @@ def _uneven(params: Any) -> list[str]:
 
 def format_table(plan: dict[str, Any]) -> str:
   mesh, batch = plan["mesh"], plan["batch"]
-  lines = [f"{plan['config']['model']} ({plan['config']['sparsity']}, compute"
-           f" {plan['config']['dtype']}): {plan['num_params'] / 1e6:.1f}M parameters",
+  cfg = plan["config"]
+  lines = [f"{cfg['model']} ({cfg['sparsity']}, compute {cfg['dtype']}, remat"
+           f" {cfg['remat']}): {plan['num_params'] / 1e6:.1f}M parameters",
            f"mesh {mesh['preset']} {mesh['shape']} on {mesh['devices']} devices; batch"
            f" {batch['global']} ({batch['per_device']} per device)",
            f"{'per device':<14}{'GiB':>10}{'global GiB':>12}"]
@@ -168,7 +167,8 @@ def format_table(plan: dict[str, Any]) -> str:
   if plan["fits"] is not None:
     lines.append(f"device memory {plan['device_memory_bytes'] / GIB:.1f} GiB: "
                  + ("fits" if plan["fits"] else "EXCEEDS device memory: use more devices,"
-                    " --mesh=fsdp / fsdp_tensor, or a smaller --batch"))
+                    " --mesh=fsdp / fsdp_tensor, --config.model.remat=full, or a smaller"
+                    " --batch"))
   return "\n".join(lines)
 
 
@@ -178,6 +178,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("mesh", None, ["data", "fsdp", "fsdp_tensor"],
                     "Mesh preset (default: the config's mesh.preset).")
   flags.DEFINE_integer("tensor", None, "Tensor-parallel size for --mesh=fsdp_tensor.")
+  flags.DEFINE_integer("dcn_data", None, "Slices joined by DCN (multi-slice TPU), data-parallel"
+                       " across (default: the config's mesh.dcn_data).")
   flags.DEFINE_integer("devices", 8, "Number of devices.")
   flags.DEFINE_integer("batch", None, "Global batch size (default: train.batch_size).")
   flags.DEFINE_float("device_memory", None, "Memory of one device in GiB, to flag overflow.")
@@ -188,7 +190,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   plan = make_plan(FLAGS.config, preset=FLAGS.mesh, devices=FLAGS.devices, tensor=FLAGS.tensor,
-                   batch=FLAGS.batch, device_memory_gib=FLAGS.device_memory,
+                   dcn_data=FLAGS.dcn_data, batch=FLAGS.batch,
+                   device_memory_gib=FLAGS.device_memory,
                    activations=FLAGS.activations)
   print(format_table(plan))
   print(json.dumps(plan))

@@ -8,6 +8,9 @@ how the model's logical parameter axes (see `sgjax/models/dit.py`) map onto them
 - "fsdp_tensor": fsdp plus Megatron-style tensor parallelism of attention heads, MLP hidden
                  and modulation outputs; mesh (1, n / tensor, tensor).
 
+On multi-slice TPU pods (or several hosts over a slow network), `mesh.dcn_data` slices make
+the "data" axis span the slices and the preset lay out each slice (see `mesh_shapes`).
+
 Batches are sharded over ("data", "fsdp") together, so every preset is data-parallel across
 all non-tensor devices.
 """
@@ -19,6 +22,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -32,20 +36,58 @@ _PRESET_RULES = {
 }
 
 
-def make_mesh(preset: str = "fsdp", tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all) for a preset."""
+def mesh_shapes(preset: str, num_devices: int, tensor: int = 1,
+                dcn_data: int = 1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+  """(shape within a slice, shape across slices) of the mesh; the mesh's shape is their
+  elementwise product.
+
+  `dcn_data` > 1 splits the devices into that many slices joined by the data-centre network
+  (DCN): the "data" axis spans the slices, and the preset lays out each slice's devices,
+  which talk over the fast interconnect (ICI). Only data parallelism, whose gradient
+  all-reduce happens once per step, crosses the slow links.
+  """
   _check_preset(preset)
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
   if preset != "fsdp_tensor" and tensor != 1:
     raise ValueError(f"mesh.tensor={tensor} needs mesh.preset='fsdp_tensor' (got {preset!r}).")
-  if tensor < 1 or n % tensor:
-    raise ValueError(f"mesh.tensor={tensor} must be >= 1 and divide the {n} devices.")
-  shape = {"data": (n, 1, 1), "fsdp": (1, n, 1), "fsdp_tensor": (1, n // tensor, tensor)}
+  if dcn_data < 1 or num_devices % dcn_data:
+    raise ValueError(f"mesh.dcn_data={dcn_data} must be >= 1 and divide the {num_devices}"
+                     " devices.")
+  per_slice = num_devices // dcn_data
+  if tensor < 1 or per_slice % tensor:
+    raise ValueError(f"mesh.tensor={tensor} must be >= 1 and divide the {per_slice} devices"
+                     " of each slice.")
+  ici = {"data": (per_slice, 1, 1), "fsdp": (1, per_slice, 1),
+         "fsdp_tensor": (1, per_slice // tensor, tensor)}[preset]
+  return ici, (dcn_data, 1, 1)
+
+
+def device_grid(preset: str, devices: Sequence, tensor: int = 1,
+                dcn_data: int = 1) -> np.ndarray:
+  """The devices arranged as the ("data", "fsdp", "tensor") mesh of a preset.
+
+  Within a slice, `mesh_utils` follows the physical topology (TPU torus, GPU ids). Slices are
+  TPU slices on TPUs and processes elsewhere (on GPU clusters: one process per node).
+  """
+  ici, dcn = mesh_shapes(preset, len(devices), tensor, dcn_data)
+  if dcn_data == 1:
+    return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  granule = "slice_index" if devices[0].platform == "tpu" else "process_index"
+  found = len({getattr(d, granule) for d in devices})
+  if found != dcn_data:
+    what = "TPU slices" if granule == "slice_index" else "processes (hosts)"
+    raise ValueError(f"mesh.dcn_data={dcn_data} must equal the number of {what}, {found}.")
+  return mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=granule == "process_index",
+      allow_split_physical_axes=True)
+
+
+def make_mesh(preset: str = "fsdp", tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None, dcn_data: int = 1) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all) for a preset."""
+  devices = list(jax.devices() if devices is None else devices)
   # Auto axes: GSPMD propagates shardings through the model (JAX_NOTES: the default
   # Explicit axes reject classic sharded matmuls).
-  return Mesh(np.asarray(devices).reshape(shape[preset]), MESH_AXES,
+  return Mesh(device_grid(preset, devices, tensor, dcn_data), MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 

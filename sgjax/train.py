@@ -76,17 +76,14 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   model_cfg = config_lib.model_config(config.model)
   loss_cfg = flow.LossConfig(**config.flow)
   optim_cfg = train_state.OptimConfig.from_train_config(config.train)
-  mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices)
+  mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices,
+                            config.mesh.dcn_data)
   check_batch(config.train.batch_size, mesh)
   # Every process opens the checkpoints the same way (orbax synchronises them).
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
   start = ckpt.latest_step()
   prepare_workdir(config, workdir, start)
   source = sources.make_source(config.data, "train", model_cfg)
-  data_iter = pipeline.make_iterator(
-      source, batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
-      flip=config.data.flip, num_workers=config.data.num_workers,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
 
   # Abstract init -> shardings -> state, fresh or restored.
   tx = train_state.make_optimizer(optim_cfg)
@@ -97,7 +94,12 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     state = train_state.init_state(model_cfg, tx, shardings, config.seed)
   else:
     logging.info("resuming from the checkpoint at step %d", start)
-    state = ckpt.restore(start, abstract, data_iter)
+    state = ckpt.restore(start, abstract)
+  # The data stream resumes at the batch after the last step, whatever the process count.
+  data_iter = pipeline.make_iterator(
+      source, global_batch=config.train.batch_size, seed=config.seed, flip=config.data.flip,
+      start_step=start, num_workers=config.data.num_workers,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
@@ -129,7 +131,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
         pending = []
         logger.write(step, last)
       if save:
-        ckpt.save(step, state, data_iter, config.to_dict())
+        ckpt.save(step, state, config.to_dict())
         last_saved = step
       if previews and step % config.train.sample_every == 0:
         sample.preview_grid(nnx.merge(graphdef, state["ema"]), mesh,

@@ -26,30 +26,48 @@ def _batches(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
-def test_pipeline_is_seeded_resumable_and_sharded_per_host():
-  images = np.arange(40, dtype=np.float32).reshape(40, 1, 1, 1)
+def _global_batches(source, n, hosts, **kwargs):
+  """The first n global batches of a run on `hosts` hosts, each host's rows in place."""
+  its = [pipeline.make_iterator(source, shard_index=i, shard_count=hosts, **kwargs)
+         for i in range(hosts)]
+  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          for parts in zip(*[_batches(it, n) for it in its])]
+
+
+def _same(xs, ys, key="label"):
+  return len(xs) == len(ys) and all(np.array_equal(x[key], y[key]) for x, y in zip(xs, ys))
+
+
+def test_pipeline_is_seeded_and_epochs_are_fresh_permutations():
+  source = sources.ArraySource(np.zeros((40, 1, 1, 1), np.float32), np.arange(40, dtype=np.int32))
+  a = _batches(pipeline.make_iterator(source, global_batch=8, seed=1), 10)
+  assert _same(a, _batches(pipeline.make_iterator(source, global_batch=8, seed=1), 10))
+  assert not _same(a, _batches(pipeline.make_iterator(source, global_batch=8, seed=2), 10))
+  epochs = [np.concatenate([b["label"] for b in a[i:i + 5]]) for i in (0, 5)]
+  assert all(sorted(e) == list(range(40)) for e in epochs)  # every example once per epoch
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_global_batches_do_not_depend_on_host_count_and_resume_at_any_step():
+  images = np.arange(80, dtype=np.float32).reshape(40, 1, 2, 1)  # flips show
   source = sources.ArraySource(images, np.arange(40, dtype=np.int32))
-  a = pipeline.make_iterator(source, batch_size=4, seed=1)
-  b = pipeline.make_iterator(source, batch_size=4, seed=1)
-  c = pipeline.make_iterator(source, batch_size=4, seed=2)
-  first = _batches(a, 3)
-  assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(first, _batches(b, 3)))
-  assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(first, _batches(c, 3)))
-  state = a.get_state()
-  expected = _batches(a, 12)  # crosses the epoch boundary
-  a.set_state(state)
-  assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(_batches(a, 12), expected))
-  # Hosts read disjoint halves of the data.
-  hosts = [pipeline.make_iterator(source, batch_size=5, seed=1, shard_index=i, shard_count=2)
-           for i in range(2)]
-  seen = [set(np.concatenate([b["label"] for b in _batches(h, 4)])) for h in hosts]
-  assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
+  kw = dict(global_batch=8, seed=3, flip=True)
+  one = _global_batches(source, 12, 1, **kw)  # crosses an epoch boundary
+  for hosts in (2, 4, 8):
+    runs = _global_batches(source, 12, hosts, **kw)
+    assert _same(one, runs) and _same(one, runs, "image"), hosts
+  # A run resumed at step 7 on 2 hosts continues the 1-host stream exactly.
+  assert _same(one[7:], _global_batches(source, 5, 2, start_step=7, **kw), "image")
+  # Hosts read disjoint rows: every example of an epoch exactly once over all hosts.
+  assert sorted(np.concatenate([b["label"] for b in one[:5]])) == list(range(40))
+  with pytest.raises(ValueError, match="does not split evenly over 3 hosts"):
+    pipeline.make_iterator(source, global_batch=8, seed=0, shard_count=3)
 
 
 def test_flips_mirror_images_horizontally_only():
   image = np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1).repeat(64, 0)
   source = sources.ArraySource(image, np.zeros(64, np.int32))
-  batch = next(pipeline.make_iterator(source, batch_size=64, seed=0, flip=True))["image"]
+  batch = next(pipeline.make_iterator(source, global_batch=64, seed=0, flip=True))["image"]
   flipped = np.array([np.array_equal(b, image[0, :, ::-1]) for b in batch])
   kept = np.array([np.array_equal(b, image[0]) for b in batch])
   assert np.all(flipped | kept) and 10 < flipped.sum() < 54

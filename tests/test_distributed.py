@@ -17,7 +17,6 @@ import pytest
 
 from configs import digits
 from sgjax import checkpoint, distributed, guidance as guidance_lib, sample, train
-from sgjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "multiprocess_local.sh")
@@ -174,58 +173,6 @@ class Launch:
       _kill_all(self.proc)
 
 
-class TwoHostOrder:
-  """In one process, the global batches of a 2-process run: process i's data shard fills
-  rows [i * b / 2, (i + 1) * b / 2), as jax.make_array_from_process_local_data lays them out.
-
-  (The pipeline shards the data per process before shuffling, so the batch order depends on
-  the process count; this reproduces the 2-process order for the 1-process reference.)
-  """
-
-  def __init__(self, make, source, *, batch_size, shard_index, shard_count, **kwargs):
-    assert (shard_index, shard_count) == (0, 1)
-    self.shards = [make(source, batch_size=batch_size // PROCESSES, shard_index=i,
-                        shard_count=PROCESSES, **kwargs) for i in range(PROCESSES)]
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    parts = [next(shard) for shard in self.shards]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def get_state(self) -> bytes:  # the grain checkpoint handler stores bytes as text
-    return json.dumps([shard.get_state() for shard in self.shards]).encode()
-
-  def set_state(self, state: bytes) -> None:
-    for shard, s in zip(self.shards, json.loads(state)):
-      shard.set_state(s)
-
-  def start_prefetch(self) -> None:
-    pass
-
-
-def merge_data_state(workdir: str, step: int) -> None:
-  """Turns a 2-process checkpoint's per-process data states into the one-process state of
-  TwoHostOrder (grain keeps one file per process, named by the process count)."""
-  folder = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "data")
-  states = []
-  for i in range(PROCESSES):
-    with open(os.path.join(folder, f"process_{i}-of-{PROCESSES}.json")) as f:
-      states.append(json.load(f))
-  with open(os.path.join(folder, "process_0-of-1.json"), "w") as f:
-    json.dump(states, f)
-
-
-def reference_train(config, workdir: str) -> None:
-  """train.train in this process (8 devices) on the 2-process data order."""
-  make = pipeline.make_iterator
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pipeline, "make_iterator", lambda source, **kw: TwoHostOrder(make, source,
-                                                                                **kw))
-    train.train(config, workdir)
-
-
 def config_for(steps: int):
   config = digits.get_config("runlocal")
   config.mesh.preset = "fsdp"  # parameters sharded across both processes
@@ -249,7 +196,9 @@ def _complete_steps(workdir) -> list[int]:
 
 def _train_flags(workdir, steps: int) -> list[str]:
   return ["--config=configs/digits.py:runlocal", f"--workdir={workdir}",
-          "--config.mesh.preset=fsdp", f"--config.train.steps={steps}",
+          # fsdp within each process, data-parallel across the two (a 2-slice layout).
+          "--config.mesh.preset=fsdp", "--config.mesh.dcn_data=2",
+          f"--config.train.steps={steps}",
           "--config.train.ckpt_every=2", "--config.train.log_every=1"]
 
 
@@ -278,7 +227,7 @@ def killed_and_restarted(tmp_path_factory):
   code, out = Launch(tmp / "logs_b", "sgjax.train", *_train_flags(workdir, last)).wait(180)
   assert code == 0, out
   reference = str(tmp / "one")
-  reference_train(config_for(last), reference)
+  train.train(config_for(last), reference)
   return dict(workdir=workdir, reference=reference, killed=killed,
               restart_from=restart_from, last=last, tmp=tmp)
 
@@ -301,7 +250,7 @@ def test_two_processes_log_the_losses_of_one_process(killed_and_restarted):
   assert sorted(got) == sorted(expected) == list(range(1, run["last"] + 1))
   np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), atol=1e-5)
   with open(os.path.join(run["workdir"], "config.json")) as f:
-    assert json.load(f)["mesh"]["preset"] == "fsdp"
+    assert json.load(f)["mesh"] == {"preset": "fsdp", "tensor": 1, "dcn_data": 2}
 
 
 @pytest.mark.slow
@@ -309,9 +258,8 @@ def test_two_process_checkpoint_restores_in_one_process_and_training_continues(
     killed_and_restarted):
   run = killed_and_restarted
   last, more = run["last"], run["last"] + 2
-  merge_data_state(run["workdir"], last)
-  reference_train(config_for(more), run["workdir"])  # resumes the 2-process checkpoint
-  reference_train(config_for(more), run["reference"])
+  train.train(config_for(more), run["workdir"])  # resumes the 2-process checkpoint
+  train.train(config_for(more), run["reference"])
   got, expected = losses(run["workdir"]), losses(run["reference"])
   np.testing.assert_allclose([got[s] for s in range(1, more + 1)],
                              [expected[s] for s in range(1, more + 1)], atol=1e-5)

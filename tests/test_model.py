@@ -1,5 +1,6 @@
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,7 +119,27 @@ def test_sharded_forward_over_8_devices_matches_one_device():
   np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sparsity_mode", ["routing", "masking"])
+def test_remat_policies_give_the_gradients_of_the_plain_model(sparsity_mode):
+  x, t, y = batch(tiny_config(sparsity_mode), 4)
+
+  def grads(remat):
+    cfg = tiny_config(sparsity_mode, remat=remat)
+    graphdef, params = nnx.split(perturbed_model(cfg))
+    subsets = dit.draw_subsets(cfg, jax.random.key(5), 4)
+
+    def loss(params):
+      return jnp.mean(nnx.merge(graphdef, params)(x, t, y, subsets) ** 2)
+
+    return jax.jit(jax.grad(loss))(params)
+
+  expected = grads("none")
+  for remat in ("full", "dots", "dots_no_batch"):
+    chex.assert_trees_all_close(grads(remat), expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("overrides,match", [
+    (dict(remat="some"), "remat='some'"),
     (dict(patch_size=3), "patch_size=3 does not divide"),
     (dict(routes=(Route(1, 4, 0.5),)), r"routes\[0\]"),
     (dict(routes=(Route(0, 2, 0.5), Route(2, 3, 0.5))), "overlaps"),

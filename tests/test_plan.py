@@ -91,10 +91,34 @@ def test_activation_estimate_grows_with_the_per_device_batch():
                                                    for k in plan.ITEMS)
 
 
+def test_remat_shrinks_the_activation_estimate_and_nothing_else():
+  plans = {}
+  for remat in ("none", "dots", "full"):
+    config = digits.get_config("runlocal")
+    config.model.remat = remat
+    plans[remat] = plan.make_plan(config, preset="fsdp", devices=8, batch=64)
+  acts = {k: p["per_device_bytes"]["activations"] for k, p in plans.items()}
+  assert 0 < acts["full"] < acts["dots"] < acts["none"]
+  assert acts["full"] < acts["none"] / 3
+  for k in ("params", "ema", "opt_state", "grads"):
+    assert len({p["per_device_bytes"][k] for p in plans.values()}) == 1
+
+
+def test_slices_replicate_the_fsdp_shards_across_the_data_axis():
+  config = digits.get_config("runlocal")
+  one = plan.make_plan(config, preset="fsdp", devices=8, batch=64, activations=False)
+  two = plan.make_plan(config, preset="fsdp", devices=16, dcn_data=2, batch=64,
+                       activations=False)
+  assert two["mesh"]["shape"] == {"data": 2, "fsdp": 8, "tensor": 1}
+  assert two["per_device_bytes"] == one["per_device_bytes"]  # 8-way shards in each slice
+  assert two["batch"]["per_device"] == one["batch"]["per_device"] // 2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(preset="fsdp", devices=8, batch=12), "--batch=12 is not divisible"),
-    (dict(preset="fsdp", devices=8, tensor=2), "--tensor=2 needs --mesh=fsdp_tensor"),
-    (dict(preset="fsdp_tensor", devices=8, tensor=3), "--tensor=3 must be >= 1 and divide"),
+    (dict(preset="fsdp", devices=8, tensor=2), "mesh.tensor=2 needs mesh.preset='fsdp_tensor'"),
+    (dict(preset="fsdp_tensor", devices=8, tensor=3), "mesh.tensor=3 must be >= 1 and divide"),
+    (dict(preset="fsdp", devices=8, dcn_data=3), "mesh.dcn_data=3 must be >= 1 and divide"),
     (dict(preset="zero", devices=8), "mesh.preset='zero'"),
 ])
 def test_bad_layouts_are_refused_with_the_flag_named(kwargs, message):

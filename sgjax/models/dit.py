@@ -29,8 +29,20 @@ from sgjax import sparsity
 from sgjax.sparsity import Route, TokenSubset
 
 SPARSITY_MODES = ("dense", "routing", "masking")
-# name -> (depth, width, heads), the standard DiT table.
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# Rematerialisation of each transformer block in the backward pass: what autodiff may keep
+# from the forward pass; everything else is recomputed. "none" keeps every residual.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # matmul outputs; norms, GELU recomputed
+    # Linear-layer outputs kept; attention score matmuls (batched) recomputed.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# name -> (depth, width, heads): the standard DiT table, and "2.5B" at the depth, width and
+# heads of the paper's 2.5B text-to-image TR-DiT (2.57B parameters in DiT blocks), for
+# planning and benchmarking at that scale.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
+         "2.5B": (34, 2048, 16)}
 TIME_FREQUENCIES = 256
 # The network sees t * TIME_SCALE (t in [0, 1]), so the frequency embedding resolves time as
 # finely as DiT's integer timesteps 0..999 do.
@@ -56,6 +68,7 @@ class DiTConfig:
   decoder_width: int = 512
   decoder_heads: int = 16
   dtype: str = "float32"  # compute dtype; parameters are always float32
+  remat: str = "none"  # a key of REMAT_POLICIES; saves activation memory, costs recompute
 
   @property
   def grid_size(self) -> int:
@@ -82,6 +95,8 @@ class DiTConfig:
     if self.width % self.num_heads:
       raise ValueError(f"{prefix}.num_heads={self.num_heads} does not divide"
                        f" {prefix}.width={self.width}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"{prefix}.remat={self.remat!r}: choose one of {list(REMAT_POLICIES)}.")
     if self.sparsity not in SPARSITY_MODES:
       raise ValueError(f"{prefix}.sparsity={self.sparsity!r}: choose one of {SPARSITY_MODES}.")
     if self.sparsity == "routing":
@@ -104,7 +119,7 @@ class DiTConfig:
 
 def parse_model_name(name: str) -> dict[str, int]:
   """'SiT-XL/2' or 'DiT-B/4' -> {'depth', 'width', 'num_heads', 'patch_size'}."""
-  match = re.fullmatch(r"(?:DiT|SiT)-(S|B|L|XL)/(\d+)", name)
+  match = re.fullmatch(r"(?:DiT|SiT)-(S|B|L|XL|2\.5B)/(\d+)", name)
   if not match:
     raise ValueError(f"model name {name!r}: expected DiT-<size>/<patch> or SiT-<size>/<patch>"
                      f" with size in {sorted(SIZES)}, e.g. 'SiT-XL/2'.")
@@ -221,6 +236,13 @@ class Block(nnx.Module):
     return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2)).astype(x.dtype)
 
 
+def run_block(block: Block, x: jax.Array, c: jax.Array, remat: str) -> jax.Array:
+  """`block(x, c)`, rematerialised in the backward pass under REMAT_POLICIES[remat]."""
+  if remat == "none":
+    return block(x, c)
+  return nnx.remat(lambda block, x, c: block(x, c), policy=REMAT_POLICIES[remat])(block, x, c)
+
+
 class FinalLayer(nnx.Module):
 
   def __init__(self, width: int, cond_width: int, patch_dim: int, dtype, rngs: nnx.Rngs):
@@ -245,6 +267,7 @@ class MaskDecoder(nnx.Module):
         Block(cfg.decoder_width, cfg.decoder_heads, cfg.mlp_ratio, cfg.width, dtype, rngs)
         for _ in range(cfg.decoder_depth)])
     self.grid_size = cfg.grid_size
+    self.remat = cfg.remat
 
   def __call__(self, h: jax.Array, c: jax.Array, subset: TokenSubset | None) -> jax.Array:
     h = self.embed(h)  # [B, K, Dd]
@@ -254,7 +277,7 @@ class MaskDecoder(nnx.Module):
       h = sparsity.merge(h, mask, subset)
     h = h + sincos_pos_embed(h.shape[-1], self.grid_size).astype(h.dtype)
     for block in self.blocks:
-      h = block(h, c)
+      h = run_block(block, h, c, self.remat)
     return h
 
 
@@ -303,7 +326,7 @@ class DiT(nnx.Module):
       if subset is not None:
         h = sparsity.gather(h, subset.keep)
       for block in self.blocks:
-        h = block(h, c)
+        h = run_block(block, h, c, cfg.remat)
       h = self.decoder(h, c, subset)
     else:
       h = self._routed_blocks(h, c, subsets)
@@ -317,13 +340,13 @@ class DiT(nnx.Module):
     while i < len(self.blocks):
       route, subset = by_start.get(i, (None, None))
       if subset is None:
-        h = self.blocks[i](h, c)
+        h = run_block(self.blocks[i], h, c, self.cfg.remat)
         i += 1
         continue
       # TREAD: blocks start..end see the kept tokens; the others skip them unchanged.
       kept, skipped = sparsity.gather(h, subset.keep), sparsity.gather(h, subset.drop)
       for j in range(route.start, route.end + 1):
-        kept = self.blocks[j](kept, c)
+        kept = run_block(self.blocks[j], kept, c, self.cfg.remat)
       h = sparsity.merge(kept, skipped, subset)
       i = route.end + 1
     return h
