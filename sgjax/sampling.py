@@ -29,6 +29,7 @@ per-device keys, so samples do not depend on the device count. (With
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -298,13 +299,19 @@ class Sampler:
       labels = jax.device_put(labels, sharding.batch_sharding(self.mesh))
     return labels, key, jnp.float32(self.guidance.omega)
 
+  def _traced_in_mesh(self):
+    # Under the mesh, the models keep their activation shardings (sharding.constrain).
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
   def __call__(self, labels: jax.Array, key: jax.Array | int) -> jax.Array:
     """labels: [B] int, key: the sample seed -> images [B, H, W, C] float32 at t = 1."""
-    return self._sample(self._states, *self._inputs(labels, key))
+    with self._traced_in_mesh():
+      return self._sample(self._states, *self._inputs(labels, key))
 
   def lower(self, labels: jax.Array, key: jax.Array | int) -> jax.stages.Lowered:
     """The lowered sampling program (for cost analysis or HLO inspection)."""
-    return self._sample.lower(self._states, *self._inputs(labels, key))
+    with self._traced_in_mesh():
+      return self._sample.lower(self._states, *self._inputs(labels, key))
 
   def segment(self, step: int) -> Segment:
     for segment in self.plan.segments:
@@ -319,13 +326,15 @@ class Sampler:
     x: [B, H, W, C], t: [B] in [0, 1], labels: [B]; key draws this evaluation's subsets.
     """
     labels, key, omega = self._inputs(labels, key)
-    return self._velocity(self._states, x, t, labels, key, omega, segment=self.segment(step))
+    with self._traced_in_mesh():
+      return self._velocity(self._states, x, t, labels, key, omega, segment=self.segment(step))
 
   def lower_velocity(self, x: jax.Array, t: jax.Array, labels: jax.Array,
                      key: jax.Array | int, step: int = 0) -> jax.stages.Lowered:
     labels, key, omega = self._inputs(labels, key)
-    return self._velocity.lower(self._states, x, t, labels, key, omega,
-                                segment=self.segment(step))
+    with self._traced_in_mesh():
+      return self._velocity.lower(self._states, x, t, labels, key, omega,
+                                  segment=self.segment(step))
 
 
 def sample(model: dit.DiT, guidance: GuidanceConfig, labels: jax.Array, key: jax.Array | int,

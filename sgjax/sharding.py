@@ -102,6 +102,20 @@ def rules(preset: str) -> tuple[tuple[str, str | None], ...]:
   return tuple((name, _PRESET_RULES[preset].get(name)) for name in LOGICAL_AXES)
 
 
+def constrain(x: jax.Array, *spec) -> jax.Array:
+  """Pins an activation to PartitionSpec(*spec) while tracing under `jax.set_mesh` with
+  sgjax's mesh axes; without such a mesh (one device, tests) returns `x` unchanged.
+
+  GSPMD alone may shard activations in ways that cost extra collectives (e.g. gathering a
+  whole batch, or splitting the residual stream over `tensor`); the models pin the residual
+  stream, conditioning and head/MLP-hidden activations at block boundaries.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -118,29 +118,31 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   pending, last = [], {}
   last_saved = start
   try:
-    for step in range(start + 1, config.train.steps + 1):
-      local = next(data_iter)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-               for k, v in local.items()}
-      state, metrics = step_fn(state, batch)
-      pending.append(metrics)
-      stop = preemption.requested or step == config.train.steps
-      save = stop or step % config.train.ckpt_every == 0
-      if save or step % config.train.log_every == 0:
-        last = _summarise(jax.device_get(pending), step, last_saved)
-        pending = []
-        logger.write(step, last)
-      if save:
-        ckpt.save(step, state, config.to_dict())
-        last_saved = step
-      if previews and step % config.train.sample_every == 0:
-        sample.preview_grid(nnx.merge(graphdef, state["ema"]), mesh,
-                            os.path.join(workdir, "samples", f"step_{step:07d}.png"),
-                            seed=config.seed)
-      if preemption.requested:
-        logging.warning("stopped at step %d with a checkpoint; run the same command to resume",
-                        step)
-        break
+    # Traced under the mesh, the models keep their activation shardings (sharding.constrain).
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, config.train.steps + 1):
+        local = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                 for k, v in local.items()}
+        state, metrics = step_fn(state, batch)
+        pending.append(metrics)
+        stop = preemption.requested or step == config.train.steps
+        save = stop or step % config.train.ckpt_every == 0
+        if save or step % config.train.log_every == 0:
+          last = _summarise(jax.device_get(pending), step, last_saved)
+          pending = []
+          logger.write(step, last)
+        if save:
+          ckpt.save(step, state, config.to_dict())
+          last_saved = step
+        if previews and step % config.train.sample_every == 0:
+          sample.preview_grid(nnx.merge(graphdef, state["ema"]), mesh,
+                              os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                              seed=config.seed)
+        if preemption.requested:
+          logging.warning("stopped at step %d with a checkpoint; run the same command to resume",
+                          step)
+          break
   finally:
     ckpt.wait()
     ckpt.close()

@@ -117,14 +117,18 @@ def test_sharded_forward_over_8_devices_matches_one_device():
   out = forward(state, put(x), put(t), put(y), subsets)
   assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(out, expected, atol=1e-5)
+  with jax.set_mesh(mesh):  # activation sharding constraints on: same numbers
+    forward = jax.jit(forward.__wrapped__)
+    np.testing.assert_allclose(forward(state, put(x), put(t), put(y), subsets), expected,
+                               atol=1e-5)
 
 
-@pytest.mark.parametrize("sparsity_mode", ["routing", "masking"])
-def test_remat_policies_give_the_gradients_of_the_plain_model(sparsity_mode):
-  x, t, y = batch(tiny_config(sparsity_mode), 4)
+def test_remat_policies_give_the_gradients_of_the_plain_model():
+  # Masking: its encoder and decoder blocks both go through dit.run_block.
+  x, t, y = batch(tiny_config("masking"), 4)
 
   def grads(remat):
-    cfg = tiny_config(sparsity_mode, remat=remat)
+    cfg = tiny_config("masking", remat=remat)
     graphdef, params = nnx.split(perturbed_model(cfg))
     subsets = dit.draw_subsets(cfg, jax.random.key(5), 4)
 

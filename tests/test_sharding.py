@@ -1,12 +1,17 @@
 """Mesh layouts: presets within a slice, data parallelism across slices."""
 
+import contextlib
+import re
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sgjax import sharding
+from tests.helpers import batch, perturbed_model, tiny_config
 
 
 def _fake_gpus(nodes: int, per_node: int):
@@ -46,3 +51,29 @@ def test_single_slice_meshes_have_the_preset_shapes():
 def test_bad_meshes_are_refused_naming_the_setting(kwargs, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(**kwargs)
+
+
+def _collectives(mesh_set: bool) -> int:
+  cfg = tiny_config("routing", width=64, num_heads=4)
+  mesh = sharding.make_mesh("fsdp_tensor", tensor=2)
+  graphdef, state = nnx.split(sharding.init_sharded(lambda: perturbed_model(cfg), mesh,
+                                                    "fsdp_tensor"))
+  x, t, y = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in batch(cfg, 16))
+
+  @jax.jit
+  def grads(state, x, t, y, key):
+    def loss(state):
+      model = nnx.merge(graphdef, state)
+      return jnp.mean(model(x, t, y, model.draw_subsets(key, 16)) ** 2)
+    return jax.grad(loss)(state)
+
+  with jax.set_mesh(mesh) if mesh_set else contextlib.nullcontext():
+    hlo = grads.lower(state, x, t, y, jax.random.key(0)).compile().as_text()
+  return len(re.findall(r" (?:all-gather|all-reduce|reduce-scatter|all-to-all|"
+                        r"collective-permute)(?:-start)?\(", hlo))
+
+
+def test_activation_constraints_cut_the_collectives_of_tensor_parallel_training():
+  # Without them GSPMD splits residual-stream activations over `tensor` and keeps
+  # re-gathering them; pinned at block boundaries, Megatron's all-reduces remain.
+  assert _collectives(mesh_set=True) < 0.7 * _collectives(mesh_set=False)

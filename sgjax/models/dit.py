@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax import sparsity
+from sgjax import sharding, sparsity
 from sgjax.sparsity import Route, TokenSubset
 
 SPARSITY_MODES = ("dense", "routing", "masking")
@@ -204,8 +204,12 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, D]
     b, n, d = x.shape
-    split = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+
+    def heads(y):  # Megatron layout: heads split over `tensor`
+      y = y.reshape(b, n, self.num_heads, d // self.num_heads)
+      return sharding.constrain(y, sharding.BATCH_AXES, None, "tensor", None)
+
+    out = jax.nn.dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
     return self.proj(out.reshape(b, n, d))
 
 
@@ -216,7 +220,8 @@ class Mlp(nnx.Module):
     self.fc2 = _linear(hidden, width, ("mlp", "embed"), rngs, dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    hidden = sharding.constrain(self.fc1(x), sharding.BATCH_AXES, None, "tensor")
+    return self.fc2(jax.nn.gelu(hidden, approximate=True))
 
 
 class Block(nnx.Module):
@@ -231,7 +236,10 @@ class Block(nnx.Module):
     self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:  # x: [B, N, D], c: [B, Dc]
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, -1)
+    # The residual stream and modulations stay split over the batch, whole over `tensor`.
+    x = sharding.constrain(x, sharding.BATCH_AXES, None, None)
+    modulation = sharding.constrain(self.adaln(jax.nn.silu(c)), sharding.BATCH_AXES, None)
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6, -1)
     x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1)).astype(x.dtype)
     return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2)).astype(x.dtype)
 
@@ -320,7 +328,7 @@ class DiT(nnx.Module):
     h = self.patch_embed(patchify(x.astype(dtype), cfg.patch_size))
     h = h + sincos_pos_embed(cfg.width, cfg.grid_size).astype(dtype)
     c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t).astype(dtype))))
-    c = c + self.y_embed(y)
+    c = sharding.constrain(c + self.y_embed(y), sharding.BATCH_AXES, None)
     if cfg.sparsity == "masking":
       subset = subsets[0] if subsets else None
       if subset is not None:
