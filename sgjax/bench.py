@@ -3,8 +3,11 @@
     python -m sgjax.bench --suite=all --model=DiT-S/2 --input_size=16    (CPU, minutes)
     python -m sgjax.bench --suite=all --model=SiT-XL/2 --dtype=bfloat16   (one GPU)
 
-Every number is measured after compilation and warm-up, as the median (and min/max) of
-`--repeats` timed runs; every ratio compares measurements taken in this one run. Writes
+Every number is measured after compilation and warm-up, as the median (and min/max) over
+`--repeats` rounds that time every setting of a suite once, in rotating order, so that a
+machine's drift reaches all settings alike; every ratio compares medians of this one run.
+The sample suite also times single forward passes per sparsity rate (where guided sampling's
+time goes), and `--profile_dir` records a jax.profiler trace. Writes
 `OUT/bench-<date>.json` and `.md`. Needs only jax, flax, optax and absl (no grain,
 ml_collections or tensorflow-datasets), so it runs on a bare accelerator image.
 """
@@ -97,9 +100,17 @@ def model_config(name: str, sparsity: str, input_size: int, in_channels: int, dt
                        **size).validate()
 
 
-def bench_train(cfg: dit.DiTConfig, batch: int, repeats: int, steps_per_repeat: int,
-                peak: float) -> dict[str, Any]:
-  """One configuration's train step: compile time, step time, throughput, FLOPs, MFU."""
+def program_memory_bytes(compiled: jax.stages.Compiled) -> int:
+  """Device memory one execution of a compiled program needs (XLA's buffer assignment):
+  arguments + outputs (less donated buffers they alias) + temporaries."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+
+def prepare_train(cfg: dit.DiTConfig, batch: int,
+                  steps: int) -> tuple[Callable[[], None], dict[str, Any]]:
+  """One configuration's compiled train step -> (run `steps` steps and block, its row)."""
   mesh = sharding.make_mesh("data")
   tx = train_state.make_optimizer(train_state.OptimConfig(lr=1e-4))
   graphdef, abstract, shardings = train_state.abstract_state(cfg, tx, mesh, "data")
@@ -114,29 +125,19 @@ def bench_train(cfg: dit.DiTConfig, batch: int, repeats: int, steps_per_repeat: 
   start = time.perf_counter()
   compiled = step.lower(abstract, data).compile()
   compile_s = time.perf_counter() - start
-  compiled_flops = compiled.cost_analysis()["flops"]
 
   def run():
     nonlocal state
-    for _ in range(steps_per_repeat):
+    for _ in range(steps):
       state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
 
-  timing = time_fn(run, repeats)
-  step_s = timing["median_s"] / steps_per_repeat
   # Model FLOPs: forward + backward = 3x the forward pass actually run (true convention).
-  model_flops = 3 * flops_lib.forward_flops(cfg).true * batch
-  memory, memory_kind = peak_memory_bytes()
-  return {
-      "sparsity": cfg.sparsity, "batch": batch, "compile_s": compile_s,
-      "step_s": step_s, "step_min_s": timing["min_s"] / steps_per_repeat,
-      "step_max_s": timing["max_s"] / steps_per_repeat,
-      "images_per_s": batch / step_s, "tokens_per_s": batch * cfg.num_tokens / step_s,
-      "compiled_tflops_per_step": compiled_flops / 1e12,
-      "model_tflops_per_step": model_flops / 1e12,
-      "achieved_tflops": model_flops / step_s / 1e12,
-      "mfu_measured_peak": model_flops / step_s / peak,
-      "peak_memory_gib": memory / 2**30, "memory_kind": memory_kind,
+  return run, {
+      "sparsity": cfg.sparsity, "batch": batch, "tokens_per_image": cfg.num_tokens,
+      "compile_s": compile_s, "compiled_tflops_per_step": compiled.cost_analysis()["flops"] / 1e12,
+      "model_tflops_per_step": 3 * flops_lib.forward_flops(cfg).true * batch / 1e12,
+      "program_memory_gib": program_memory_bytes(compiled) / 2**30,
   }
 
 
@@ -168,12 +169,13 @@ TRAIN_COLUMNS = [
     ("sparsity", "sparsity", "s"), ("images_per_s", "images/s", ".1f"),
     ("step_s", "step s (median)", ".4f"), ("compile_s", "compile s", ".1f"),
     ("compiled_tflops_per_step", "compiled TFLOP/step", ".3f"),
-    ("achieved_tflops", "model TFLOP/s", ".2f"), ("mfu_measured_peak", "MFU (measured peak)", ".1%"),
+    ("achieved_tflops", "model TFLOP/s", ".2f"),
+    ("mfu_measured_peak", "MFU (measured peak)", ".1%"),
     ("mfu_nominal_peak", "MFU (nominal peak)", ".1%"),
     ("speedup_measured", "speedup vs dense", ".2f"),
     ("speedup_predicted", "predicted (FLOPs)", ".2f"),
     ("speedup_efficiency", "measured / predicted", ".1%"),
-    ("peak_memory_gib", "peak memory GiB", ".2f"),
+    ("program_memory_gib", "step memory GiB (XLA)", ".2f"),
 ]
 
 
@@ -182,26 +184,36 @@ def _route(args: dict) -> tuple[int, int] | None:
 
 
 def run_train_suite(args: dict, peak: float, nominal: float | None) -> list[dict]:
-  rows = []
+  """Train steps of each sparsity mode, compiled and warmed, then timed in interleaved rounds
+  of `steps_per_repeat` steps; speedups vs dense are ratios of the medians."""
+  rows, runs = {}, {}
   for mode in args["modes"]:
     cfg = model_config(args["model"], mode, args["input_size"], args["in_channels"],
                        args["dtype"], args["gamma"], args["num_classes"], _route(args))
-    logging.info("train bench: %s %s batch %d", args["model"], mode, args["batch"])
-    row = bench_train(cfg, args["batch"], args["repeats"], args["steps_per_repeat"], peak)
-    row["mfu_nominal_peak"] = row["achieved_tflops"] * 1e12 / nominal if nominal else None
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    logging.info("train bench: compiling %s %s batch %d", args["model"], mode, args["batch"])
+    runs[mode], rows[mode] = prepare_train(cfg, args["batch"], args["steps_per_repeat"])
+    runs[mode]()  # warm-up
+  logging.info("train bench: %d interleaved rounds", args["repeats"])
+  times = time_interleaved(runs, args["repeats"])
   # XLA counts FLOPs of every op on CPU; on GPU its count misses the library matmuls, so the
   # prediction there uses the library's model FLOPs.
   flops_key = ("compiled_tflops_per_step" if jax.devices()[0].platform == "cpu"
                else "model_tflops_per_step")
-  dense = next((r for r in rows if r["sparsity"] == "dense"), None)
-  for row in rows:
-    if dense is not None:
-      row["speedup_measured"] = dense["step_s"] / row["step_s"]
-      row["speedup_predicted"] = dense[flops_key] / row[flops_key]
+  steps = args["steps_per_repeat"]
+  for mode, row in rows.items():
+    step_s = statistics.median(times[mode]) / steps
+    achieved = row["model_tflops_per_step"] * 1e12 / step_s
+    row.update(step_s=step_s, step_min_s=min(times[mode]) / steps,
+               step_max_s=max(times[mode]) / steps, images_per_s=row["batch"] / step_s,
+               tokens_per_s=row["batch"] * row["tokens_per_image"] / step_s,
+               achieved_tflops=achieved / 1e12, mfu_measured_peak=achieved / peak,
+               mfu_nominal_peak=achieved / nominal if nominal else None)
+    if "dense" in rows:
+      row["speedup_measured"] = rows["dense"]["step_s"] / step_s
+      row["speedup_predicted"] = rows["dense"][flops_key] / row[flops_key]
       row["speedup_efficiency"] = row["speedup_measured"] / row["speedup_predicted"]
-  return rows
+    print(json.dumps(row), flush=True)
+  return list(rows.values())
 
 
 # name -> guidance; the paper's Table 2 set (sg_flops: SG 0.5/0.9; sg_fid: AG+SG with cosine
@@ -229,62 +241,84 @@ SAMPLE_COLUMNS = [
     ("gflops_paper", "GFLOPs/img/step (paper)", ".2f"),
     ("speedup_vs_unguided", "speedup vs unguided", ".2f"),
     ("predicted_vs_unguided", "predicted", ".2f"),
+    ("efficiency_vs_unguided", "measured / predicted", ".1%"),
     ("speedup_vs_cfg", "speedup vs CFG", ".2f"), ("predicted_vs_cfg", "predicted", ".2f"),
     ("efficiency_vs_cfg", "measured / predicted (vs CFG)", ".1%"),
 ]
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each blocking fn, timed in rounds that call every fn once.
+
+  On a shared or throttling machine speed drifts over minutes; timing the settings one after
+  another would fold that drift into their ratios, while rounds expose all to the same drift.
+  Each round starts one fn later than the last, so no fn always follows the same one (a
+  program can pay for the memory its predecessor left behind).
+  """
+  names = list(fns)
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
 def run_sample_suite(args: dict) -> list[dict]:
   """Images/s and FLOPs of each guidance setting on a routed model with random weights.
 
-  Predicted speedups come from XLA's compiled FLOPs of one guided step where the backend
-  counts them (CPU), else from the library's true FLOPs.
+  Settings are compiled and warmed first, then timed in interleaved rounds; speedups are
+  ratios of the medians. Predicted speedups come from XLA's compiled FLOPs of one
+  guided step where the backend counts them (CPU), else from the library's true FLOPs.
   """
+  unknown = [name for name in args["settings"] if name not in SAMPLE_SETTINGS]
+  if unknown:
+    raise ValueError(f"--settings: unknown {unknown}; known: {list(SAMPLE_SETTINGS)}.")
   cfg = model_config(args["model"], "routing", args["input_size"], args["in_channels"],
                      args["dtype"], args["gamma"], args["num_classes"], _route(args))
   make = train_state.make_model_fn(cfg, 0)
   model, aux_model = make(), train_state.make_model_fn(cfg, 1)()
-  batch, repeats = args["sample_batch"], args["repeats"]
+  batch = args["sample_batch"]
   labels = np.arange(batch, dtype=np.int32) % cfg.num_classes
   x = jnp.zeros((batch, cfg.input_size, cfg.input_size, cfg.in_channels))
   t = jnp.full((batch,), 0.5)
   count_compiled = jax.devices()[0].platform == "cpu"
-  rows = []
+  rows, runs = {}, {}
   for name in args["settings"]:
-    if name not in SAMPLE_SETTINGS:
-      raise ValueError(f"--settings: unknown {name!r}; known: {list(SAMPLE_SETTINGS)}.")
     guidance = SAMPLE_SETTINGS[name]
-    logging.info("sample bench: %s", name)
+    logging.info("sample bench: compiling %s", name)
     sampler = sampling.Sampler(model, guidance, steps=args["sample_steps"],
                                aux_model=aux_model if guidance.uses_aux else None)
+    runs[name] = lambda sampler=sampler: jax.block_until_ready(sampler(labels, 0))
     start = time.perf_counter()
-    jax.block_until_ready(sampler(labels, 0))
-    first_s = time.perf_counter() - start
-    timing = time_fn(lambda: jax.block_until_ready(sampler(labels, 0)), repeats, warmup=0)
+    runs[name]()
     summary = sampler.plan.summary()
-    row = {"setting": name, "batch_s": timing["median_s"], "batch_min_s": timing["min_s"],
-           "batch_max_s": timing["max_s"], "images_per_s": batch / timing["median_s"],
-           "compile_s": first_s - timing["median_s"], "num_variants": summary["num_variants"],
-           "gflops_true": summary["gflops_true"], "gflops_paper": summary["gflops_paper"],
-           "nfe": summary["nfe"]}
+    rows[name] = {"setting": name, "first_call_s": time.perf_counter() - start,
+                  "num_variants": summary["num_variants"],
+                  "gflops_true": summary["gflops_true"],
+                  "gflops_paper": summary["gflops_paper"], "nfe": summary["nfe"]}
     if count_compiled and guidance.schedule == "constant":
       compiled = sampler.lower_velocity(x, t, labels, 0).compile()
-      row["compiled_gflops_per_image_step"] = compiled.cost_analysis()["flops"] / batch / 1e9
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-  by_name = {row["setting"]: row for row in rows}
+      rows[name]["compiled_gflops_per_image_step"] = (compiled.cost_analysis()["flops"]
+                                                      / batch / 1e9)
+  logging.info("sample bench: %d interleaved rounds", args["repeats"])
+  times = time_interleaved(runs, args["repeats"])
   flops_key = "compiled_gflops_per_image_step" if count_compiled else "gflops_true"
-  for row in rows:
-    for suffix in ("unguided", "cfg"):
-      if suffix not in by_name:
+  for name, row in rows.items():
+    median = statistics.median(times[name])
+    row.update(batch_s=median, batch_min_s=min(times[name]), batch_max_s=max(times[name]),
+               images_per_s=batch / median, compile_s=row.pop("first_call_s") - median)
+  for name, row in rows.items():
+    for ref in ("unguided", "cfg"):
+      if ref not in rows:
         continue
-      ref = by_name[suffix]
-      row[f"speedup_vs_{suffix}"] = ref["batch_s"] / row["batch_s"]
-      if flops_key in row:
-        row[f"predicted_vs_{suffix}"] = ref[flops_key] / row[flops_key]
-        row[f"efficiency_vs_{suffix}"] = (row[f"speedup_vs_{suffix}"]
-                                          / row[f"predicted_vs_{suffix}"])
-  return rows
+      row[f"speedup_vs_{ref}"] = rows[ref]["batch_s"] / row["batch_s"]
+      if flops_key in row and flops_key in rows[ref]:
+        row[f"predicted_vs_{ref}"] = rows[ref][flops_key] / row[flops_key]
+        row[f"efficiency_vs_{ref}"] = row[f"speedup_vs_{ref}"] / row[f"predicted_vs_{ref}"]
+    print(json.dumps(row), flush=True)
+  return list(rows.values())
 
 
 FORWARD_COLUMNS = [
@@ -312,7 +346,7 @@ def run_forward_profile(args: dict) -> list[dict]:
   t = jnp.full((batch,), 0.5)
   labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
   count_compiled = jax.devices()[0].platform == "cpu"
-  rows = []
+  rows, runs = [], {}
   for gamma in sorted({0.0, *(float(g) for g in args["forward_gammas"])}):
 
     def forward(state, x, t, labels, key, gamma=gamma):
@@ -320,17 +354,24 @@ def run_forward_profile(args: dict) -> list[dict]:
       return model(x, t, labels, model.draw_subsets(key, batch, gamma))
 
     compiled = jax.jit(forward).lower(state, x, t, labels, key).compile()
-    timing = time_fn(lambda: compiled(state, x, t, labels, key).block_until_ready(),
-                     args["repeats"] * args["steps_per_repeat"], warmup=2)
+    runs[gamma] = lambda compiled=compiled: compiled(state, x, t, labels,
+                                                     key).block_until_ready()
+    runs[gamma]()  # warm-up
     flops = (compiled.cost_analysis()["flops"] if count_compiled
              else flops_lib.forward_flops(cfg, gamma).true * batch)
     rows.append({"gamma": gamma, "kept_tokens": sparsity.num_kept(cfg.num_tokens, gamma),
-                 "forward_ms": timing["median_s"] * 1e3, "forward_min_ms": timing["min_s"] * 1e3,
-                 "forward_max_ms": timing["max_s"] * 1e3, "gflops_per_image": flops / batch / 1e9,
-                 "achieved_gflops": flops / timing["median_s"] / 1e9})
-    print(json.dumps(rows[-1]), flush=True)
+                 "gflops_per_image": flops / batch / 1e9})
+  # One pass costs about 1 / NFE of a sampling run: more rounds are cheap and steady the
+  # medians.
+  times = time_interleaved(runs, 2 * args["repeats"])
+  for row, seconds in zip(rows, times.values()):
+    median = statistics.median(seconds)
+    row.update(forward_ms=median * 1e3, forward_min_ms=min(seconds) * 1e3,
+               forward_max_ms=max(seconds) * 1e3,
+               achieved_gflops=row["gflops_per_image"] * batch / median)
   for row in rows:
     row["flops_efficiency"] = row["achieved_gflops"] / rows[0]["achieved_gflops"]
+    print(json.dumps(row), flush=True)
   return rows
 
 
@@ -348,7 +389,9 @@ def define_flags() -> None:
   flags.DEFINE_float("gamma", 0.5, "Training sparsity rate of routed / masked models.")
   flags.DEFINE_list("route", None, "start,end of the route (0-based, inclusive); default:"
                     " TREAD's (2->24 of 28 blocks, 2->8 of 12).")
-  flags.DEFINE_list("modes", ["dense", "routing", "masking"], "Sparsity modes to train.")
+  flags.DEFINE_list("modes", ["dense", "routing", "masking"], "Sparsity modes to train. Their"
+                    " train states are all held at once (interleaved timing): SiT-XL/2 takes"
+                    " about 11 GiB each.")
   flags.DEFINE_integer("batch", 32, "Training batch size.")
   flags.DEFINE_list("settings", list(SAMPLE_SETTINGS), "Guidance settings to sample with.")
   flags.DEFINE_list("forward_gammas", ["0.5", "0.8", "0.9"], "Sparsity rates whose single"
@@ -384,10 +427,16 @@ def main(argv):
   results, table = {}, (f"{FLAGS.model}, {FLAGS.dtype}, {device.device_kind}, jax"
                         f" {jax.__version__}, {meta['date']}; measured {FLAGS.dtype} matmul"
                         f" peak {peak / 1e12:.2f} TFLOP/s\n\n")
-  profiling = (jax.profiler.trace(FLAGS.profile_dir) if FLAGS.profile_dir
-               else contextlib.nullcontext())
+  profiling = contextlib.nullcontext()
+  if FLAGS.profile_dir:
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # XLA host and device activity; Python tracing slows runs
+    profiling = jax.profiler.trace(FLAGS.profile_dir, profiler_options=options)
   with profiling:
     table += run_suites(args, peak, nominal, results)
+  memory, memory_kind = peak_memory_bytes()
+  meta.update(peak_memory_gib=memory / 2**30, peak_memory_kind=memory_kind)
+  table += f"\nPeak memory of the whole run ({memory_kind}): {memory / 2**30:.2f} GiB\n"
   base = write_results(FLAGS.out, meta, results, table)
   print(table)
   print(f"wrote {base}.json and {base}.md"

@@ -48,7 +48,8 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
       "",
       f"Model: {model['depth']} blocks, width {model['width']}, {model['sparsity']}"
       f" {model['routes']} (start, end, gamma), patch {model['patch_size']} on"
-      f" {model['input_size']}x{model['input_size']} digits; {train['steps']} steps at batch {train['batch_size']}, final training loss"
+      f" {model['input_size']}x{model['input_size']} digits; {train['steps']} steps at batch"
+      f" {train['batch_size']}, final training loss"
       f" {last['loss']:.3f}. Training took {train_seconds:.0f} s, sampling and evaluating"
       f" every setting below {sweep_seconds:.0f} s.",
       "",

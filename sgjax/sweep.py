@@ -108,8 +108,9 @@ def _row(setting, seed, folder) -> dict:
   with open(os.path.join(folder, "metrics.json")) as f:
     measured = json.load(f)
   row = {name: getattr(setting, name) for name in SETTING_COLUMNS}
-  row.update(slug=slug(setting), seed=seed, gflops_true=sampled["gflops_true"], gflops_paper=sampled["gflops_paper"],
-             nfe=sampled["nfe"], images_per_s=sampled["images_per_s"])
+  row.update(slug=slug(setting), seed=seed, gflops_true=sampled["gflops_true"],
+             gflops_paper=sampled["gflops_paper"], nfe=sampled["nfe"],
+             images_per_s=sampled["images_per_s"])
   row.update({k: v for k, v in measured.items() if isinstance(v, (int, float))
               and not k.startswith("num_") and k != "seconds"})
   return row
