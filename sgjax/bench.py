@@ -135,7 +135,8 @@ def prepare_train(cfg: dit.DiTConfig, batch: int,
   # Model FLOPs: forward + backward = 3x the forward pass actually run (true convention).
   return run, {
       "sparsity": cfg.sparsity, "batch": batch, "tokens_per_image": cfg.num_tokens,
-      "compile_s": compile_s, "compiled_tflops_per_step": compiled.cost_analysis()["flops"] / 1e12,
+      "compile_s": compile_s,
+      "compiled_tflops_per_step": compiled.cost_analysis()["flops"] / 1e12,
       "model_tflops_per_step": 3 * flops_lib.forward_flops(cfg).true * batch / 1e12,
       "program_memory_gib": program_memory_bytes(compiled) / 2**30,
   }
@@ -208,8 +209,9 @@ def run_train_suite(args: dict, peak: float, nominal: float | None) -> list[dict
                tokens_per_s=row["batch"] * row["tokens_per_image"] / step_s,
                achieved_tflops=achieved / 1e12, mfu_measured_peak=achieved / peak,
                mfu_nominal_peak=achieved / nominal if nominal else None)
+  for row in rows.values():
     if "dense" in rows:
-      row["speedup_measured"] = rows["dense"]["step_s"] / step_s
+      row["speedup_measured"] = rows["dense"]["step_s"] / row["step_s"]
       row["speedup_predicted"] = rows["dense"][flops_key] / row[flops_key]
       row["speedup_efficiency"] = row["speedup_measured"] / row["speedup_predicted"]
     print(json.dumps(row), flush=True)

@@ -24,7 +24,8 @@ def test_interleaved_timing_calls_each_setting_once_per_round():
 @pytest.mark.slow
 def test_bench_writes_consistent_tables_and_a_profile(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "sgjax.bench", "--suite=all", "--modes=dense,routing",
+      # dense last: speedups refer to it wherever it comes.
+      [sys.executable, "-m", "sgjax.bench", "--suite=all", "--modes=routing,dense",
        "--model=DiT-S/8", "--input_size=16", "--batch=4", "--sample_batch=4",
        "--sample_steps=2", "--repeats=2", "--steps_per_repeat=1", "--matmul_size=64",
        "--settings=unguided,sg_flops", "--forward_gammas=0.5,0.9", f"--out={tmp_path}",
@@ -36,7 +37,7 @@ def test_bench_writes_consistent_tables_and_a_profile(tmp_path):
   with open(path) as f:
     result = json.load(f)
   assert result["platform"] == "cpu" and result["flags"]["model"] == "DiT-S/8"
-  dense, routed = result["train"]
+  routed, dense = result["train"]
   assert (dense["sparsity"], routed["sparsity"]) == ("dense", "routing")
   assert routed["compiled_tflops_per_step"] < dense["compiled_tflops_per_step"]
   assert routed["speedup_efficiency"] == pytest.approx(routed["speedup_measured"]
