@@ -49,8 +49,9 @@ def test_local_dry_run_gives_each_process_the_coordinator_and_its_id():
 
 
 def test_local_runs_every_process_and_picks_a_free_port():
-  script = ("import os; print('rank', os.environ['SGJAX_PROCESS_ID'],"
-            " os.environ['SGJAX_COORDINATOR'])")
+  # One write() per process: both share the pipe, and print() may split a line in two.
+  script = ("import os; os.write(1, f\"rank {os.environ['SGJAX_PROCESS_ID']}"
+            " {os.environ['SGJAX_COORDINATOR']}\\n\".encode())")
   out = run(LOCAL, "2", sys.executable, "-c", script)
   assert out.returncode == 0, out.stderr
   ranks = sorted(line.split()[1] for line in out.stdout.splitlines() if line.startswith("rank"))
