@@ -126,7 +126,10 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
-        stop = preemption.requested or step == config.train.steps
+        # Read the flag once: a signal landing later in this step is handled at the next
+        # one, never by a stop that skips this step's save.
+        preempted = preemption.requested
+        stop = preempted or step == config.train.steps
         save = stop or step % config.train.ckpt_every == 0
         if save or step % config.train.log_every == 0:
           last = _summarise(jax.device_get(pending), step, last_saved)
@@ -139,7 +142,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
           sample.preview_grid(nnx.merge(graphdef, state["ema"]), mesh,
                               os.path.join(workdir, "samples", f"step_{step:07d}.png"),
                               seed=config.seed)
-        if preemption.requested:
+        if preempted:
           logging.warning("stopped at step %d with a checkpoint; run the same command to resume",
                           step)
           break
