@@ -34,7 +34,7 @@ def get_config(arg=None):
       mask_gamma=0.5,
       # MaskDiT decoder, paper default.
       decoder_depth=8, decoder_width=512, decoder_heads=16,
-      dtype="bfloat16", remat="none", **size))
+      dtype="bfloat16", remat="none", attention="xla", **size))
 
   config.flow = ml_collections.ConfigDict(dict(
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))

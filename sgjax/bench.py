@@ -84,20 +84,20 @@ def peak_memory_bytes() -> tuple[int | None, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def model_config(name: str, sparsity: str, input_size: int, in_channels: int, dtype: str,
-                 gamma: float, num_classes: int,
-                 route: tuple[int, int] | None = None) -> dit.DiTConfig:
-  """A model by name; routing uses `route` (start, end) or TREAD's default for its depth."""
-  size = dit.parse_model_name(name)
+def model_config(args: dict, sparsity: str) -> dit.DiTConfig:
+  """The model the flags describe, with sparsity mode `sparsity`; routing uses --route
+  (start, end) or TREAD's default for the model's depth."""
+  size = dit.parse_model_name(args["model"])
   routes = ()
   if sparsity == "routing":
-    depth = size["depth"]
-    end = DEFAULT_ROUTE_END.get(depth, depth - 2)
-    start, end = route or (min(2, end), end)
-    routes = (Route(start, end, gamma),)
-  return dit.DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                       sparsity=sparsity, routes=routes, mask_gamma=gamma, dtype=dtype,
-                       **size).validate()
+    end = DEFAULT_ROUTE_END.get(size["depth"], size["depth"] - 2)
+    start, end = (tuple(int(v) for v in args["route"]) if args["route"]
+                  else (min(2, end), end))
+    routes = (Route(start, end, args["gamma"]),)
+  return dit.DiTConfig(input_size=args["input_size"], in_channels=args["in_channels"],
+                       num_classes=args["num_classes"], sparsity=sparsity, routes=routes,
+                       mask_gamma=args["gamma"], dtype=args["dtype"],
+                       attention=args["attention"], **size).validate()
 
 
 def program_memory_bytes(compiled: jax.stages.Compiled) -> int:
@@ -180,17 +180,12 @@ TRAIN_COLUMNS = [
 ]
 
 
-def _route(args: dict) -> tuple[int, int] | None:
-  return tuple(int(v) for v in args["route"]) if args["route"] else None
-
-
 def run_train_suite(args: dict, peak: float, nominal: float | None) -> list[dict]:
   """Train steps of each sparsity mode, compiled and warmed, then timed in interleaved rounds
   of `steps_per_repeat` steps; speedups vs dense are ratios of the medians."""
   rows, runs = {}, {}
   for mode in args["modes"]:
-    cfg = model_config(args["model"], mode, args["input_size"], args["in_channels"],
-                       args["dtype"], args["gamma"], args["num_classes"], _route(args))
+    cfg = model_config(args, mode)
     logging.info("train bench: compiling %s %s batch %d", args["model"], mode, args["batch"])
     runs[mode], rows[mode] = prepare_train(cfg, args["batch"], args["steps_per_repeat"])
     runs[mode]()  # warm-up
@@ -277,8 +272,7 @@ def run_sample_suite(args: dict) -> list[dict]:
   unknown = [name for name in args["settings"] if name not in SAMPLE_SETTINGS]
   if unknown:
     raise ValueError(f"--settings: unknown {unknown}; known: {list(SAMPLE_SETTINGS)}.")
-  cfg = model_config(args["model"], "routing", args["input_size"], args["in_channels"],
-                     args["dtype"], args["gamma"], args["num_classes"], _route(args))
+  cfg = model_config(args, "routing")
   make = train_state.make_model_fn(cfg, 0)
   model, aux_model = make(), train_state.make_model_fn(cfg, 1)()
   batch = args["sample_batch"]
@@ -339,8 +333,7 @@ def run_forward_profile(args: dict) -> list[dict]:
   speedup that falls short shows whether the sparse passes themselves run slower per FLOP
   (smaller matmuls, gather/scatter) or the time goes elsewhere in the sampling loop.
   """
-  cfg = model_config(args["model"], "routing", args["input_size"], args["in_channels"],
-                     args["dtype"], args["gamma"], args["num_classes"], _route(args))
+  cfg = model_config(args, "routing")
   graphdef, state = nnx.split(train_state.make_model_fn(cfg, 0)())
   batch = args["sample_batch"]
   key = jax.random.key(0)
@@ -388,6 +381,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("in_channels", 4, "Input channels.")
   flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
   flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
+  flags.DEFINE_enum("attention", "xla", list(dit.ATTENTION_KERNELS), "Attention kernel"
+                    " (cudnn: cuDNN flash attention, NVIDIA GPUs with bfloat16).")
   flags.DEFINE_float("gamma", 0.5, "Training sparsity rate of routed / masked models.")
   flags.DEFINE_list("route", None, "start,end of the route (0-based, inclusive); default:"
                     " TREAD's (2->24 of 28 blocks, 2->8 of 12).")
@@ -419,16 +414,16 @@ def main(argv):
       "device_kind": device.device_kind, "platform": device.platform,
       "device_count": jax.device_count(), "jax_version": jax.__version__,
       "flags": {name: FLAGS[name].value for name in (
-          "suite", "model", "input_size", "in_channels", "dtype", "gamma", "route", "modes",
-          "batch", "settings", "forward_gammas", "sample_batch", "sample_steps", "repeats",
+          "suite", "model", "input_size", "in_channels", "dtype", "attention", "gamma", "route",
+          "modes", "batch", "settings", "forward_gammas", "sample_batch", "sample_steps", "repeats",
           "steps_per_repeat")},
       "measured_matmul_peak_tflops": peak / 1e12,
       "nominal_peak_tflops": nominal / 1e12 if nominal else None,
   }
   args = dict(FLAGS.flag_values_dict())
-  results, table = {}, (f"{FLAGS.model}, {FLAGS.dtype}, {device.device_kind}, jax"
-                        f" {jax.__version__}, {meta['date']}; measured {FLAGS.dtype} matmul"
-                        f" peak {peak / 1e12:.2f} TFLOP/s\n\n")
+  results, table = {}, (f"{FLAGS.model}, {FLAGS.dtype}, {FLAGS.attention} attention,"
+                        f" {device.device_kind}, jax {jax.__version__}, {meta['date']};"
+                        f" measured {FLAGS.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s\n\n")
   profiling = contextlib.nullcontext()
   if FLAGS.profile_dir:
     options = jax.profiler.ProfileOptions()

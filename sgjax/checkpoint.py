@@ -8,11 +8,13 @@ checkpoint is always whole; a run killed mid-save resumes from the previous one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from sgjax import config as config_lib
@@ -91,6 +93,11 @@ def load_model(workdir: str, step: int | None = None, ema: bool = True,
                             f" available: {sorted(steps)}.")
   config = ckpt.restore_config(step)
   model_cfg = config_lib.model_config(config["model"])
+  if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+    # The kernel is a property of the machine, not of the weights.
+    logging.info("model.attention='cudnn' needs an NVIDIA GPU; using 'xla' attention on %s"
+                 " (same parameters, same function).", jax.default_backend())
+    model_cfg = dataclasses.replace(model_cfg, attention="xla")
   mesh = mesh or sharding.make_mesh(preset)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(
       train_state.make_model_fn(model_cfg, config["seed"])))

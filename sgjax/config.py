@@ -56,7 +56,7 @@ def model_config(model: Mapping[str, Any]) -> dit.DiTConfig:
 RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_every",
                     "train.ckpt_every", "train.keep_ckpts", "train.sample_every",
                     "data.num_workers", "data.path", "data.data_dir", "model.remat",
-                    "mesh.preset", "mesh.tensor", "mesh.dcn_data")
+                    "model.attention", "mesh.preset", "mesh.tensor", "mesh.dcn_data")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,6 +14,7 @@ reuse, and counted whole under tensor parallelism, so an upper-end estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -108,7 +109,11 @@ def make_plan(config, *, preset: str | None = None, devices: int = 8, tensor: in
     raise ValueError(f"--batch={batch} is not divisible by the data-parallel size"
                      f" {data_parallel} (mesh {dict(mesh.shape)}).")
   tx = train_state.make_optimizer(train_state.OptimConfig.from_train_config(config.train))
-  graphdef, abstract, _ = train_state.abstract_state(model_cfg, tx, mesh, preset, config.seed)
+  # cuDNN's attention kernel cannot be traced off a GPU. The parameters are the same with
+  # XLA's, whose attention keeps the [N, N] scores that cuDNN's does not, so with
+  # attention='cudnn' the activations below are an upper bound.
+  traced_cfg = dataclasses.replace(model_cfg, attention="xla")
+  graphdef, abstract, _ = train_state.abstract_state(traced_cfg, tx, mesh, preset, config.seed)
 
   per_device = {name: tree_bytes(abstract[name], True) for name in ("params", "ema",
                                                                     "opt_state")}
@@ -120,7 +125,8 @@ def make_plan(config, *, preset: str | None = None, devices: int = 8, tensor: in
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract["params"]))
   plan = {
       "config": {"model": config.model.name, "sparsity": model_cfg.sparsity,
-                 "dtype": model_cfg.dtype, "remat": model_cfg.remat},
+                 "dtype": model_cfg.dtype, "remat": model_cfg.remat,
+                 "attention": model_cfg.attention},
       "mesh": {"preset": preset, "devices": devices, "shape": dict(mesh.shape)},
       "batch": {"global": batch, "per_device": batch // data_parallel},
       "num_params": num_params,
@@ -153,7 +159,8 @@ def format_table(plan: dict[str, Any]) -> str:
   mesh, batch = plan["mesh"], plan["batch"]
   cfg = plan["config"]
   lines = [f"{cfg['model']} ({cfg['sparsity']}, compute {cfg['dtype']}, remat"
-           f" {cfg['remat']}): {plan['num_params'] / 1e6:.1f}M parameters",
+           f" {cfg['remat']}, attention {cfg['attention']}): {plan['num_params'] / 1e6:.1f}M"
+           " parameters",
            f"mesh {mesh['preset']} {mesh['shape']} on {mesh['devices']} devices; batch"
            f" {batch['global']} ({batch['per_device']} per device)",
            f"{'per device':<14}{'GiB':>10}{'global GiB':>12}"]

@@ -1,6 +1,7 @@
 """launch/ scripts: --dry-run prints the exact commands; the local launcher runs, fails fast
 and passes signals on."""
 
+import json
 import os
 import shlex
 import signal
@@ -184,3 +185,30 @@ def test_slurm_header_asks_for_a_checkpoint_before_the_time_limit():
   with open(SLURM) as f:
     header = [line.strip() for line in f if line.startswith("#SBATCH")]
   assert "#SBATCH --signal=TERM@300" in header and "#SBATCH --requeue" in header
+
+
+# ---------------------------------------------------------------- bench_gpu.sh
+
+def test_gpu_bench_dry_run_gives_commands_the_benchmark_accepts():
+  script = os.path.join(ROOT, "launch", "bench_gpu.sh")
+  out = run(script, "--dry-run", "--out=/tmp/gpu bench", env=_env(PYTHON="py"))
+  assert out.returncode == 0, out.stderr
+  cmds = commands(out.stdout)
+  assert [c[:3] for c in cmds] == [["py", "-m", "sgjax.bench"]] * 3
+  # sgjax.bench's own flag parser reads each command (an unknown flag would fail here).
+  parse = ("import json, sys\nfrom absl import flags\nfrom sgjax import bench\n"
+           "bench.define_flags()\nfor argv in json.loads(sys.argv[1]):\n"
+           "  flags.FLAGS.unparse_flags()\n  flags.FLAGS(['bench', *argv])\n"
+           "  print(json.dumps(flags.FLAGS.flag_values_dict()))\n")
+  parsed = subprocess.run([sys.executable, "-c", parse, json.dumps([c[3:] for c in cmds])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+  values = [json.loads(line) for line in parsed.stdout.splitlines()]
+  assert [(v["suite"], v["attention"], v["out"]) for v in values] == [
+      ("train", "xla", "/tmp/gpu bench"), ("train", "cudnn", "/tmp/gpu bench"),
+      ("sample", "xla", "/tmp/gpu bench")]
+  assert all(v["model"] == "SiT-XL/2" and v["dtype"] == "bfloat16" for v in values)
+  assert values[2]["sample_steps"] == 40 and values[2]["sample_batch"] >= 64
+  assert {"unguided", "cfg", "sg_flops", "sg_fid"} <= set(values[2]["settings"])
+  assert len(commands(run(script, "--dry-run", "--only=sample").stdout)) == 1
+  bad = run(script, "--dry-run", "--only=train-xla,oops")
+  assert bad.returncode == 2 and "oops" in bad.stderr and not bad.stdout

@@ -150,10 +150,28 @@ def test_remat_policies_give_the_gradients_of_the_plain_model():
     (dict(routes=(Route(0, 2, -0.5),)), "gamma"),
     (dict(sparsity="sparse"), "sparsity='sparse'"),
     (dict(num_heads=5), "num_heads=5"),
+    (dict(attention="flash"), "attention='flash'"),
+    (dict(attention="cudnn"), "dtype bfloat16 or float16"),
+    (dict(attention="cudnn", dtype="bfloat16", num_heads=8), "head dim .* = 4"),
 ])
 def test_invalid_model_settings_raise_value_error_naming_field(overrides, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(tiny_config("routing"), **overrides).validate()
+
+
+def test_xla_attention_kernel_is_the_default_model_and_cudnn_is_refused_off_gpu():
+  cfg = tiny_config("masking", dtype="bfloat16")
+  x, t, y = batch(cfg)
+  default = perturbed_model(cfg)(x, t, y)
+  explicit = perturbed_model(dataclasses.replace(cfg, attention="xla"))(x, t, y)
+  np.testing.assert_array_equal(explicit, default)
+  cudnn = perturbed_model(dataclasses.replace(cfg, attention="cudnn").validate())
+  # Same parameters whatever the kernel: checkpoints move between machines.
+  chex.assert_trees_all_equal_shapes_and_dtypes(nnx.state(cudnn, nnx.Param),
+                                                nnx.state(perturbed_model(cfg), nnx.Param))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="only on NVIDIA GPUs.*attention='xla'"):
+      cudnn(x, t, y)
 
 
 def test_masking_gamma_outside_range_raises():

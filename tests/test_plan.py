@@ -104,6 +104,17 @@ def test_remat_shrinks_the_activation_estimate_and_nothing_else():
     assert len({p["per_device_bytes"][k] for p in plans.values()}) == 1
 
 
+def test_cudnn_attention_plans_off_gpu_with_the_xla_trace_as_upper_bound():
+  plans = {}
+  for attention in ("xla", "cudnn"):
+    config = digits.get_config("runlocal")
+    config.model.update(dtype="bfloat16", attention=attention)
+    plans[attention] = plan.make_plan(config, preset="fsdp", devices=8, batch=64)
+  assert plans["cudnn"]["config"]["attention"] == "cudnn"
+  assert plans["cudnn"]["per_device_bytes"] == plans["xla"]["per_device_bytes"]
+  assert "attention cudnn" in plan.format_table(plans["cudnn"])
+
+
 def test_slices_replicate_the_fsdp_shards_across_the_data_axis():
   config = digits.get_config("runlocal")
   one = plan.make_plan(config, preset="fsdp", devices=8, batch=64, activations=False)

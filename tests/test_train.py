@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from sgjax import checkpoint, train
+from sgjax import checkpoint, sharding, train, train_state
+from sgjax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +53,23 @@ def test_fsdp_8_devices_match_1_device_and_checkpoints_move_between_them(tmp_pat
   model, saved_config, step = checkpoint.load_model(down)
   assert step == 8 and saved_config["model"]["width"] == config.model.width
   assert model.cfg.sparsity == "routing"
+
+
+def test_checkpoint_trained_with_cudnn_attention_loads_with_xla_attention_off_gpu(tmp_path):
+  config = digits.get_config("runlocal")
+  config.model.update(dtype="bfloat16", attention="cudnn")
+  model_cfg = config_lib.model_config(config.model)
+  tx = train_state.make_optimizer(train_state.OptimConfig(lr=1e-3))
+  _, _, shardings = train_state.abstract_state(model_cfg, tx, sharding.make_mesh("data"), "data")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, train_state.init_state(model_cfg, tx, shardings), config.to_dict())
+  ckpt.close()
+  model, saved_config, step = checkpoint.load_model(str(tmp_path))
+  assert step == 3 and saved_config["model"]["attention"] == "cudnn"
+  assert model.cfg.attention == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  labels = np.arange(4, dtype=np.int32)
+  out = model(np.zeros((4, 8, 8, 1), np.float32), np.full((4,), 0.5, np.float32), labels)
+  assert out.shape == (4, 8, 8, 1) and np.isfinite(np.asarray(out)).all()
 
 
 def _with(config, **train_overrides):

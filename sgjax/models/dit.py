@@ -29,6 +29,11 @@ from sgjax import sharding, sparsity
 from sgjax.sparsity import Route, TokenSubset
 
 SPARSITY_MODES = ("dense", "routing", "masking")
+# Attention kernels (`jax.nn.dot_product_attention`'s `implementation`): "xla" runs on every
+# backend; "cudnn" is cuDNN's fused flash attention on NVIDIA GPUs (bfloat16/float16, head
+# dim a multiple of 8, at most 128 before Hopper and 256 from it), which never writes the
+# [N, N] attention scores to memory.
+ATTENTION_KERNELS = ("xla", "cudnn")
 # Rematerialisation of each transformer block in the backward pass: what autodiff may keep
 # from the forward pass; everything else is recomputed. "none" keeps every residual.
 REMAT_POLICIES = {
@@ -69,6 +74,7 @@ class DiTConfig:
   decoder_heads: int = 16
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat: str = "none"  # a key of REMAT_POLICIES; saves activation memory, costs recompute
+  attention: str = "xla"  # one of ATTENTION_KERNELS; same parameters and math either way
 
   @property
   def grid_size(self) -> int:
@@ -97,6 +103,7 @@ class DiTConfig:
                        f" {prefix}.width={self.width}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"{prefix}.remat={self.remat!r}: choose one of {list(REMAT_POLICIES)}.")
+    self._validate_attention(prefix)
     if self.sparsity not in SPARSITY_MODES:
       raise ValueError(f"{prefix}.sparsity={self.sparsity!r}: choose one of {SPARSITY_MODES}.")
     if self.sparsity == "routing":
@@ -115,6 +122,25 @@ class DiTConfig:
         raise ValueError(f"{prefix}.decoder_heads={self.decoder_heads} does not divide"
                          f" {prefix}.decoder_width={self.decoder_width}.")
     return self
+
+  def _validate_attention(self, prefix: str) -> None:
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f"{prefix}.attention={self.attention!r}: choose one of"
+                       f" {ATTENTION_KERNELS}.")
+    if self.attention != "cudnn":
+      return
+    if self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"{prefix}.attention='cudnn' needs {prefix}.dtype bfloat16 or float16"
+                       f" (got {self.dtype!r}); use attention='xla' for other dtypes.")
+    head_dims = {f"{prefix}.width / {prefix}.num_heads": self.width // self.num_heads}
+    if self.sparsity == "masking":
+      head_dims[f"{prefix}.decoder_width / {prefix}.decoder_heads"] = (
+          self.decoder_width // self.decoder_heads)
+    for name, head_dim in head_dims.items():
+      if head_dim % 8 or head_dim > 256:
+        raise ValueError(f"{prefix}.attention='cudnn': head dim {name} = {head_dim}; cuDNN"
+                         " flash attention needs a multiple of 8 up to 256. Use"
+                         " attention='xla' or another number of heads.")
 
 
 def parse_model_name(name: str) -> dict[str, int]:
@@ -195,8 +221,10 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
 
 class Attention(nnx.Module):
 
-  def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs,
+               implementation: str = "xla"):
     self.num_heads = num_heads
+    self.implementation = implementation
     self.q = _linear(width, width, ("embed", "heads"), rngs, dtype)
     self.k = _linear(width, width, ("embed", "heads"), rngs, dtype)
     self.v = _linear(width, width, ("embed", "heads"), rngs, dtype)
@@ -209,7 +237,11 @@ class Attention(nnx.Module):
       y = y.reshape(b, n, self.num_heads, d // self.num_heads)
       return sharding.constrain(y, sharding.BATCH_AXES, None, "tensor", None)
 
-    out = jax.nn.dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+    if self.implementation == "cudnn" and jax.default_backend() != "gpu":
+      raise ValueError(f"model.attention='cudnn' runs only on NVIDIA GPUs; this process runs"
+                       f" on {jax.default_backend()}. Use model.attention='xla'.")
+    out = jax.nn.dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
+                                       implementation=self.implementation)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -228,9 +260,9 @@ class Block(nnx.Module):
   """adaLN-Zero transformer block; `cond_width` is the width of the conditioning vector."""
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int, dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention: str = "xla"):
     self.norm1 = _layer_norm(width, rngs)
-    self.attn = Attention(width, num_heads, dtype, rngs)
+    self.attn = Attention(width, num_heads, dtype, rngs, attention)
     self.norm2 = _layer_norm(width, rngs)
     self.mlp = Mlp(width, int(width * mlp_ratio), dtype, rngs)
     self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
@@ -272,7 +304,8 @@ class MaskDecoder(nnx.Module):
         nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.decoder_width)),
         **_axes(None, None, "embed"))
     self.blocks = nnx.List([
-        Block(cfg.decoder_width, cfg.decoder_heads, cfg.mlp_ratio, cfg.width, dtype, rngs)
+        Block(cfg.decoder_width, cfg.decoder_heads, cfg.mlp_ratio, cfg.width, dtype, rngs,
+              cfg.attention)
         for _ in range(cfg.decoder_depth)])
     self.grid_size = cfg.grid_size
     self.remat = cfg.remat
@@ -303,7 +336,8 @@ class DiT(nnx.Module):
     self.t_mlp2 = _linear(w, w, ("mlp", "embed"), rngs, dtype, init=normal)
     self.y_embed = nnx.Embed(cfg.num_classes + 1, w, dtype=dtype, embedding_init=normal,
                              embedding_metadata=_axes("classes", "embed"), rngs=rngs)
-    self.blocks = nnx.List([Block(w, cfg.num_heads, cfg.mlp_ratio, w, dtype, rngs)
+    self.blocks = nnx.List([Block(w, cfg.num_heads, cfg.mlp_ratio, w, dtype, rngs,
+                                  cfg.attention)
                             for _ in range(cfg.depth)])
     if cfg.sparsity == "masking":
       self.decoder = MaskDecoder(cfg, dtype, rngs)
