@@ -15,6 +15,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
@@ -28,12 +29,23 @@ FLAGS = flags.FLAGS
 
 
 class Preemption:
-  """Turns the first SIGTERM/SIGINT into a request to checkpoint and stop."""
+  """Turns the first SIGTERM/SIGINT of any process into a checkpoint and stop, taken at the
+  same step by every process.
 
-  def __init__(self):
+  Hosts run apart by the steps they have dispatched, and a signal may reach only some of
+  them, so a local flag would stop them at different steps (one saving, another waiting in
+  the next step's collectives). Each step, `poll` starts an all-reduce of every process's
+  flag, laid out like the batch, and reads the previous step's result: all processes get
+  the same answer for the same step, and the read never drains the device queue.
+  """
+
+  def __init__(self, batch_sharding, local_rows: int):
     self.requested = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self._sharding, self._local_rows = batch_sharding, local_rows
+    self._any = jax.jit(jnp.any, out_shardings=sharding.replicated(batch_sharding.mesh))
+    self._pending = None
+    self._previous = {sig: signal.signal(sig, self._handle)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
     del frame
@@ -43,15 +55,35 @@ class Preemption:
                     signal.Signals(signum).name)
     self.requested = True
 
+  def poll(self) -> bool:
+    """Call once per step after dispatching it: whether any process had been signalled by
+    the previous step's poll."""
+    flags = jax.make_array_from_process_local_data(
+        self._sharding, np.full((self._local_rows,), self.requested))
+    previous, self._pending = self._pending, self._any(flags)
+    return previous is not None and bool(previous)
 
-def prepare_workdir(config, workdir: str, latest_step: int | None) -> None:
-  """Refuses a workdir that holds another run; writes the resolved config.json."""
+  def close(self) -> None:
+    """Puts the signal handlers of before back (a later Ctrl-C acts as it did then)."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def prepare_workdir(config, workdir: str, saved: dict | None) -> None:
+  """Refuses a workdir that holds another run; writes the resolved config.json.
+
+  `saved` is the config of the latest checkpoint (the authority when there is one); without
+  a checkpoint, config.json of a run that stopped before its first save is compared, so that
+  its logs are not cut back for a different run.
+  """
   path = os.path.join(workdir, "config.json")
   current = config.to_dict()
-  if latest_step is not None and os.path.exists(path):
+  if saved is None and os.path.exists(path):
     with open(path) as f:
-      for change in config_lib.resume_changes(json.load(f), current):
-        logging.info("resuming with a changed setting: %s", change)
+      saved = json.load(f)
+  if saved is not None:
+    for change in config_lib.resume_changes(saved, current):
+      logging.info("resuming with a changed setting: %s", change)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -82,7 +114,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   # Every process opens the checkpoints the same way (orbax synchronises them).
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
   start = ckpt.latest_step()
-  prepare_workdir(config, workdir, start)
+  prepare_workdir(config, workdir, None if start is None else ckpt.restore_config(start))
   source = sources.make_source(config.data, "train", model_cfg)
 
   # Abstract init -> shardings -> state, fresh or restored.
@@ -114,7 +146,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                              enabled=jax.process_index() == 0)
   # EMA sample grids while training; latents would need the VAE to become pictures.
   previews = config.train.sample_every > 0 and config.data.source != "latents"
-  preemption = Preemption()
+  preemption = Preemption(batch_sharding, config.train.batch_size // jax.process_count())
   pending, last = [], {}
   last_saved = start
   try:
@@ -126,9 +158,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
-        # Read the flag once: a signal landing later in this step is handled at the next
-        # one, never by a stop that skips this step's save.
-        preempted = preemption.requested
+        preempted = preemption.poll()
         stop = preempted or step == config.train.steps
         save = stop or step % config.train.ckpt_every == 0
         if save or step % config.train.log_every == 0:
@@ -147,6 +177,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                           step)
           break
   finally:
+    preemption.close()
     ckpt.wait()
     ckpt.close()
     logger.close()

@@ -194,12 +194,37 @@ def _complete_steps(workdir) -> list[int]:
       folder) else []
 
 
-def _train_flags(workdir, steps: int) -> list[str]:
+def _train_flags(workdir, steps: int, ckpt_every: int = 2) -> list[str]:
   return ["--config=configs/digits.py:runlocal", f"--workdir={workdir}",
           # fsdp within each process, data-parallel across the two (a 2-slice layout).
           "--config.mesh.preset=fsdp", "--config.mesh.dcn_data=2",
           f"--config.train.steps={steps}",
-          "--config.train.ckpt_every=2", "--config.train.log_every=1"]
+          f"--config.train.ckpt_every={ckpt_every}", "--config.train.log_every=1"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_step_with_its_checkpoint(
+    tmp_path):
+  workdir = str(tmp_path / "w")
+  run = Launch(tmp_path / "logs", "sgjax.train", *_train_flags(workdir, 1000, ckpt_every=1000))
+  try:
+    deadline = time.time() + 150
+    while not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+               and len(losses(workdir)) >= 3):
+      assert run.proc.poll() is None, run.wait(10)[1]
+      assert time.time() < deadline, "no 3 logged steps in time\n" + _logs(tmp_path / "logs")
+      time.sleep(0.1)
+    # Only one host hears of the preemption (as when one VM of a slice is reclaimed).
+    os.kill(_process_of_rank(run.proc, 1), signal.SIGTERM)
+    code, out = run.wait(timeout=120)
+  finally:
+    run.kill()
+  assert code == 0, out
+  (saved,) = _complete_steps(workdir)
+  assert max(losses(workdir)) == saved
+  for rank in range(PROCESSES):
+    with open(tmp_path / "logs" / f"process_{rank}.log") as f:
+      assert f"stopped at step {saved} with a checkpoint" in f.read(), out
 
 
 @pytest.fixture(scope="module")

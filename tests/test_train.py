@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,24 @@ def test_workdir_of_another_model_is_refused_but_more_steps_resume(tmp_path):
     train.train(other_data, workdir)
   train.train(runlocal(steps=4, ckpt_every=2), workdir)  # only train.steps changed
   assert sorted(losses(workdir)) == [1, 2, 3, 4]
+  # The checkpoint's own config is the authority: a lost config.json changes nothing.
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(ValueError, match="model.width: 32 -> 64"):
+    train.train(other, workdir)
+
+
+def test_run_that_stopped_before_its_first_checkpoint_keeps_its_logs_from_another_run(
+    tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train(runlocal(steps=3, ckpt_every=100, log_every=1), workdir)
+  for step in checkpoint.Checkpointer(workdir).all_steps():  # as if killed before any save
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), str(step)))
+  other = digits.get_config("runlocal,sparsity=masking")
+  with pytest.raises(ValueError, match="model.sparsity: 'routing' -> 'masking'"):
+    train.train(other, workdir)
+  assert sorted(losses(workdir)) == [1, 2, 3]  # its metrics are untouched
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["sparsity"] == "routing"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
