@@ -37,7 +37,7 @@ def get_config(arg=None):
   config.train = ml_collections.ConfigDict(dict(
       batch_size=128, steps=750, lr=2e-3, b1=0.9, b2=0.999, weight_decay=0.0,
       warmup_steps=50, lr_schedule="constant", grad_clip=1.0, ema_decay=0.995,
-      log_every=50, ckpt_every=250, keep_ckpts=2, sample_every=250))
+      log_every=50, ckpt_every=250, keep_ckpts=2, keep_every=0, sample_every=250))
 
   config.mesh = ml_collections.ConfigDict(dict(preset="data", tensor=1, dcn_data=1))
 

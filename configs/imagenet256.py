@@ -48,7 +48,9 @@ def get_config(arg=None):
   config.train = ml_collections.ConfigDict(dict(
       batch_size=256, steps=400_000, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
       warmup_steps=0, lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999,
-      log_every=100, ckpt_every=10_000, keep_ckpts=3, sample_every=0))
+      log_every=100, ckpt_every=10_000, keep_ckpts=3, sample_every=0,
+      # Kept for good: the 50k-step model is AG's auxiliary (sample --aux_step=50000).
+      keep_every=50_000))
 
   config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1, dcn_data=1))
 

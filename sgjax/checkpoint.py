@@ -29,12 +29,14 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-  """Saves and restores train states (async saves, keeps the newest `keep`)."""
+  """Saves and restores train states (async saves); keeps the newest `keep` and, when
+  `keep_every` > 0, every step that is a multiple of it (e.g. the auxiliary model of AG)."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               keep_every: int = 0):
     self._manager = ocp.CheckpointManager(
         checkpoint_dir(workdir),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                              enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:

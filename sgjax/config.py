@@ -54,8 +54,8 @@ def model_config(model: Mapping[str, Any]) -> dit.DiTConfig:
 
 # Fields that may differ when a run resumes from its workdir (logged, not refused).
 RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_every",
-                    "train.ckpt_every", "train.keep_ckpts", "train.sample_every",
-                    "data.num_workers", "data.path", "data.data_dir", "model.remat",
+                    "train.ckpt_every", "train.keep_ckpts", "train.keep_every",
+                    "train.sample_every", "data.num_workers", "data.path", "data.data_dir", "model.remat",
                     "model.attention", "mesh.preset", "mesh.tensor", "mesh.dcn_data")
 
 
@@ -104,6 +104,11 @@ def validate(config) -> None:
   for name in ("batch_size", "steps", "log_every", "ckpt_every", "keep_ckpts"):
     if train[name] <= 0:
       raise ValueError(f"train.{name}={train[name]!r} must be positive.")
+  keep_every = train.get("keep_every", 0)
+  if keep_every < 0 or keep_every % train.ckpt_every:
+    raise ValueError(f"train.keep_every={keep_every!r} must be 0 (keep only the newest"
+                     f" train.keep_ckpts) or a multiple of train.ckpt_every={train.ckpt_every}"
+                     " (the steps that get a checkpoint).")
   if train.lr <= 0:
     raise ValueError(f"train.lr={train.lr!r} must be positive.")
   if not 0.0 <= train.ema_decay < 1.0:

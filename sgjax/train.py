@@ -91,7 +91,7 @@ def prepare_workdir(config, workdir: str, saved: dict | None) -> None:
     os.replace(path + ".tmp", path)
 
 
-def check_batch(batch_size: int, mesh) -> None:
+def check_batch_size(batch_size: int, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
   if batch_size % dp or batch_size % jax.process_count():
     raise ValueError(
@@ -110,12 +110,17 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   optim_cfg = train_state.OptimConfig.from_train_config(config.train)
   mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices,
                             config.mesh.dcn_data)
-  check_batch(config.train.batch_size, mesh)
+  check_batch_size(config.train.batch_size, mesh)
   # Every process opens the checkpoints the same way (orbax synchronises them).
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts,
+                                 keep_every=config.train.get("keep_every", 0))
   start = ckpt.latest_step()
   prepare_workdir(config, workdir, None if start is None else ckpt.restore_config(start))
   source = sources.make_source(config.data, "train", model_cfg)
+  image_shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+  first = source[0]
+  pipeline.check_batch({"image": np.asarray(first["image"])[None], "label": [first["label"]]},
+                       image_shape, model_cfg.num_classes, "the dataset's first example")
 
   # Abstract init -> shardings -> state, fresh or restored.
   tx = train_state.make_optimizer(optim_cfg)
@@ -154,6 +159,8 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     with jax.set_mesh(mesh):
       for step in range(start + 1, config.train.steps + 1):
         local = next(data_iter)
+        # Cheap on the host; an out-of-range label would silently turn into NaN embeddings.
+        pipeline.check_batch(local, image_shape, model_cfg.num_classes, f"batch of step {step}")
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)

@@ -129,6 +129,18 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
     train.train(config, str(tmp_path / "w"))
 
 
+def test_data_that_does_not_fit_the_model_fails_before_training(tmp_path):
+  config = runlocal()
+  config.model.input_size = 16  # the digits are 8 x 8
+  with pytest.raises(ValueError, match=r"images of shape \(8, 8, 1\).*takes \(16, 16, 1\)"):
+    train.train(config, str(tmp_path / "size"))
+  config = runlocal()
+  config.model.num_classes = 7  # digits 7..9 would index past the embedding table
+  with pytest.raises(ValueError, match=r"batch of step 1: labels in \[0, [789]\].*classes=7"):
+    train.train(config, str(tmp_path / "labels"))
+  assert not checkpoint.Checkpointer(str(tmp_path / "labels")).all_steps()
+
+
 def test_batch_not_divisible_by_data_parallel_size_raises(tmp_path):
   config = runlocal(batch_size=12)  # 8 devices
   with pytest.raises(ValueError, match="train.batch_size=12 is not divisible"):
@@ -166,6 +178,15 @@ def test_run_that_stopped_before_its_first_checkpoint_keeps_its_logs_from_anothe
   assert sorted(losses(workdir)) == [1, 2, 3]  # its metrics are untouched
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["sparsity"] == "routing"
+
+
+def test_checkpoints_at_multiples_of_keep_every_outlive_keep_ckpts(tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train(runlocal(steps=5, ckpt_every=1, keep_ckpts=1, keep_every=2), workdir)
+  assert sorted(checkpoint.Checkpointer(workdir).all_steps()) == [2, 4, 5]
+  with pytest.raises(ValueError, match="keep_every=3 must be 0 .* multiple of"):
+    train.train(runlocal(ckpt_every=2, keep_every=3), str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

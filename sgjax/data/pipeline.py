@@ -24,6 +24,22 @@ def _as_arrays(item):
           "label": np.int32(item["label"])}
 
 
+def check_batch(batch: dict, image_shape: tuple[int, int, int], num_classes: int,
+                where: str) -> None:
+  """Raises ValueError, naming the problem, when a batch {"image": [B, H, W, C], "label": [B]}
+  does not fit a model taking `image_shape` images and labels in [0, num_classes)."""
+  shape = tuple(np.shape(batch["image"])[1:])
+  if shape != tuple(image_shape):
+    raise ValueError(f"{where}: images of shape {shape}, but the model takes {image_shape}"
+                     " (model.input_size x model.input_size x model.in_channels); set"
+                     " data.image_size or the model to match.")
+  labels = np.asarray(batch["label"])
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{where}: labels in [{labels.min()}, {labels.max()}], but"
+                     f" model.num_classes={num_classes} takes labels in [0, {num_classes})"
+                     f" (label {num_classes} is the null class of guidance).")
+
+
 def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
                   start_step: int = 0, num_workers: int = 0, shard_index: int = 0,
                   shard_count: int = 1):
