@@ -6,7 +6,8 @@
 
 8x8 grey digits, patch 1 (64 tokens), a width-64 SiT with 6 blocks routed 1->4 at gamma 0.5
 (TREAD's proportions): on 2 CPU cores the default 750 steps take under 5 minutes and give
-recognisable digits of the requested class (about 95% by the digits classifier, unguided).
+recognisable digits of the requested class (about 90% by the digits classifier, unguided:
+the README's demo table).
 """
 
 import ml_collections

@@ -74,6 +74,32 @@ class Checkpointer:
     self._manager.close()
 
 
+def resolve_step(workdir: str, step: int | None = None) -> int:
+  """`step`, or the latest, after checking that `workdir` holds a complete checkpoint there."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"--workdir={workdir!r} holds no checkpoints/ folder: train a"
+                            " model there first (python -m sgjax.train --workdir=...).")
+  ckpt = Checkpointer(workdir, async_save=False)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if not steps:
+    raise FileNotFoundError(f"--workdir={workdir!r} holds no complete checkpoint yet.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"--step={step}: no checkpoint at that step in {workdir!r};"
+                            f" available: {sorted(steps)}.")
+  return step
+
+
+def run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """(the config a checkpoint was trained with, its step): no weights are read."""
+  step = resolve_step(workdir, step)
+  ckpt = Checkpointer(workdir, async_save=False)
+  config = ckpt.restore_config(step)
+  ckpt.close()
+  return config, step
+
+
 def load_model(workdir: str, step: int | None = None, ema: bool = True,
                mesh: jax.sharding.Mesh | None = None,
                preset: str = "data") -> tuple[dit.DiT, dict, int]:
@@ -82,18 +108,7 @@ def load_model(workdir: str, step: int | None = None, ema: bool = True,
   Restores only the EMA (default) or raw parameters, sharded by `preset` over `mesh`
   (default: replicated over all devices, as sampling wants).
   """
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"--workdir={workdir!r} holds no checkpoints/ folder: train a"
-                            " model there first (python -m sgjax.train --workdir=...).")
-  ckpt = Checkpointer(workdir, async_save=False)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"--workdir={workdir!r} holds no complete checkpoint yet.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"--step={step}: no checkpoint at that step in {workdir!r};"
-                            f" available: {sorted(steps)}.")
-  config = ckpt.restore_config(step)
+  config, step = run_config(workdir, step)
   model_cfg = config_lib.model_config(config["model"])
   if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
     # The kernel is a property of the machine, not of the weights.
@@ -106,6 +121,7 @@ def load_model(workdir: str, step: int | None = None, ema: bool = True,
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, preset))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nnx.to_pure_dict(abstract_params), shardings)
+  ckpt = Checkpointer(workdir, async_save=False)
   params = ckpt.restore_item(step, "ema" if ema else "params", target)
   ckpt.close()
   return nnx.merge(graphdef, params), config, step

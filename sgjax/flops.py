@@ -172,27 +172,19 @@ def trajectory_flops(model_cfg: dit.DiTConfig, guidance: guidance_lib.GuidanceCo
 
 def guided_report(cfg: dit.DiTConfig, guidance: guidance_lib.GuidanceConfig, steps: int,
                   name: str = "") -> dict:
-  """The JSON object printed by `python -m sgjax.flops --guidance=...`."""
-  settings = guidance_lib.step_settings(guidance, steps)
-  total = trajectory_flops(cfg, guidance, steps=steps)
+  """The JSON object printed by `python -m sgjax.flops --guidance=...`: the sampler's plan
+  (validated as sampling would), with its FLOPs per image."""
+  from sgjax import sampling  # pylint: disable=g-import-not-at-top  (it builds on this module)
   return {
-      "model": name,
-      "sparsity": cfg.sparsity,
-      "guidance": guidance.rule,
-      "omega": guidance.omega,
+      "model": name, "sparsity": cfg.sparsity, "omega": guidance.omega,
       "gamma_strong": guidance.gamma_strong,
       "gamma_weak": guidance.gamma_weak if guidance.guided else None,
       "schedule": guidance.schedule,
-      "steps": steps,
-      "nfe_per_image": sum(1 + s.guided for s in settings),
-      "gflops_true": total.true / steps / 1e9,
-      "gflops_paper": total.paper / steps / 1e9,
-      "trajectory_gflops_true": total.true / 1e9,
-      "trajectory_gflops_paper": total.paper / 1e9,
+      **sampling.make_plan(cfg, guidance, steps=steps).summary(),
       "note": "gflops_* per image per Euler sampling step (averaged over the steps; both"
-              " branches of a guided step); true = 2 FLOPs per multiply-add incl. attention,"
-              " paper = linear-layer multiply-adds only (Table 2 convention); ag rules assume"
-              " an auxiliary model of the same architecture",
+              " branches of a guided step); nfe per image; true = 2 FLOPs per multiply-add"
+              " incl. attention, paper = linear-layer multiply-adds only (Table 2 convention);"
+              " ag rules assume an auxiliary model of the same architecture",
   }
 
 

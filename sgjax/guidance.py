@@ -75,6 +75,18 @@ class GuidanceConfig:
   def uses_aux(self) -> bool:
     return self.rule in AUX_RULES
 
+  @property
+  def slug(self) -> str:
+    """A folder name that identifies the setting, e.g. 'sg-w2-gs0.5-gw0.9'."""
+    parts = [self.rule.replace("+", "_"), f"w{self.omega:g}", f"gs{self.gamma_strong:g}",
+             f"gw{self.gamma_weak:g}"]
+    if self.schedule != "constant":
+      parts += [self.schedule, f"gse{self.gamma_strong_end}", f"gwe{self.gamma_weak_end}",
+                f"L{self.num_levels}"]
+    if self.interval is not None:
+      parts.append(f"t{self.interval[0]:g}_{self.interval[1]:g}")
+    return "-".join(parts)
+
   def validate(self, prefix: str = "guidance") -> "GuidanceConfig":
     """Raises ValueError naming the field and value of the first invalid setting.
 

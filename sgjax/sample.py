@@ -104,18 +104,24 @@ def sampling_mesh(batch_size: int):
   return mesh
 
 
+def check_aux(guidance: guidance_lib.GuidanceConfig, aux_workdir: str | None,
+              aux_step: int | None) -> None:
+  if guidance.uses_aux and aux_workdir is None and aux_step is None:
+    raise ValueError(f"--guidance={guidance.rule} needs --aux_workdir and/or --aux_step"
+                     " (the weaker auxiliary model, e.g. an early checkpoint).")
+
+
 def load_models(workdir: str, guidance: guidance_lib.GuidanceConfig, mesh, *, step=None,
                 ema=True, aux_workdir=None, aux_step=None):
   """(model, aux model or None, run config, {step, aux_step}) for a guidance rule."""
-  model, config, model_step = checkpoint.load_model(workdir, step, ema, mesh)
+  check_aux(guidance, aux_workdir, aux_step)
+  config, step = checkpoint.run_config(workdir, step)  # checked before any weights are read
   if config["data"]["source"] == "latents":
     raise NotImplementedError("this run trains on VAE latents; decoding them to images needs"
                               " the VAE decoder, which sgjax does not ship yet.")
+  model, config, model_step = checkpoint.load_model(workdir, step, ema, mesh)
   aux_model = None
   if guidance.uses_aux:
-    if aux_workdir is None and aux_step is None:
-      raise ValueError(f"--guidance={guidance.rule} needs --aux_workdir and/or --aux_step"
-                       " (the weaker auxiliary model, e.g. an early checkpoint).")
     aux_model, _, aux_step = checkpoint.load_model(aux_workdir or workdir, aux_step, ema, mesh)
   return model, aux_model, config, {"step": model_step, "aux_step": aux_step}
 
@@ -199,7 +205,8 @@ def define_flags() -> None:
                        " device count; must be divisible by the device count).")
   flags.DEFINE_string("labels", "balanced", "balanced | random | comma-separated class ids.")
   flags.DEFINE_integer("seed", 0, "Sample seed.")
-  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples/<rule>).")
+  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples/<setting>, e.g."
+                      " samples/sg-w2-gs0.5-gw0.9).")
   distributed.define_flags()
 
 
@@ -208,8 +215,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()  # multi-host jobs: before any JAX computation
   logs.quiet_libraries()
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", FLAGS.guidance)
-  run(FLAGS.workdir, guidance_from_flags(), out, step=FLAGS.step, ema=FLAGS.ema,
+  guidance = guidance_from_flags()
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", guidance.slug)
+  run(FLAGS.workdir, guidance, out, step=FLAGS.step, ema=FLAGS.ema,
       aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step, steps=FLAGS.steps,
       solver=FLAGS.solver, nested=FLAGS.nested, num_samples=FLAGS.num_samples,
       batch_size=FLAGS.batch_size, labels=FLAGS.labels, seed=FLAGS.seed)

@@ -122,6 +122,13 @@ def make_plan(model_cfg: dit.DiTConfig, guidance: GuidanceConfig, *, steps: int 
   for step, setting in enumerate(settings):
     shape = (_num_kept(model_cfg, setting.gamma_strong),
              None if not setting.guided else _num_kept(weak_cfg, setting.gamma_weak))
+    if (guidance.rule in guidance_lib.SPARSITY_GAP_RULES and setting.guided
+        and shape[1] >= shape[0]):
+      raise ValueError(
+          f"guidance gamma_strong={setting.gamma_strong:g} and gamma_weak="
+          f"{setting.gamma_weak:g} keep {shape[0]} and {shape[1]} of {model_cfg.num_tokens}"
+          f" tokens at step {step}: rule {guidance.rule!r} needs the weak branch to keep"
+          " fewer tokens (a capacity gap); move the rates further apart.")
     if segments and segments[-1].shape == shape:
       segments[-1] = dataclasses.replace(segments[-1], stop=step + 1)
     else:

@@ -25,7 +25,8 @@ import warnings
 import numpy as np
 from absl import app, flags, logging
 
-from sgjax import guidance as guidance_lib, logs, sample, sampling
+from sgjax import checkpoint, config as config_lib, guidance as guidance_lib, logs, sample
+from sgjax import sampling
 from sgjax.metrics import npz
 
 FIELDS = {"rule": str, "omega": float, "gamma_strong": float, "gamma_weak": float,
@@ -58,33 +59,55 @@ def parse_grid(spec: str) -> list[guidance_lib.GuidanceConfig]:
   return settings
 
 
-def slug(setting: guidance_lib.GuidanceConfig) -> str:
-  """A folder name that identifies a setting."""
-  parts = [setting.rule.replace("+", "_"), f"w{setting.omega:g}",
-           f"gs{setting.gamma_strong:g}", f"gw{setting.gamma_weak:g}"]
-  if setting.schedule != "constant":
-    parts += [setting.schedule, f"gse{setting.gamma_strong_end}", f"gwe{setting.gamma_weak_end}"]
-  return "-".join(parts)
-
-
-def _done(folder: str) -> bool:
-  return all(os.path.exists(os.path.join(folder, name))
-             for name in ("samples.npz", "sampling.json", "metrics.json"))
+def _done(folder: str, spec: dict) -> bool:
+  """Whether `folder` holds results made exactly as `spec` says (spec.json is written last)."""
+  path = os.path.join(folder, "spec.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    if json.load(f) == spec:
+      return True
+  logging.info("redoing %s: it was sampled or evaluated with other settings", folder)
+  return False
 
 
 def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: str, *,
               seeds=(0,), metric="digits", reference=None, inception_weights=None,
               steps=40, num_samples=500, batch_size=250, step=None, aux_workdir=None,
               aux_step=None) -> list[dict]:
-  """Samples + evaluates every setting and seed (reusing finished ones); one row each."""
+  """Samples + evaluates every setting and seed (reusing finished ones); one row each.
+
+  Everything is checked before the first sample: the grid, the metric's files, the auxiliary
+  model of ag rules and the checkpoints. A folder is reused only when it was made from the
+  same checkpoints with the same steps, sample count, batch size, metric and reference.
+  """
+  if not settings:
+    raise ValueError("the grid holds no valid setting (the log says why each combination was"
+                     " skipped).")
+  npz.check_inputs(metric, reference, inception_weights)
+  for setting in settings:
+    sample.check_aux(setting, aux_workdir, aux_step)
   mesh = sample.sampling_mesh(batch_size)
+  run_config, step = checkpoint.run_config(workdir, step)
+  spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
+          "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
+          "reference": reference and os.path.abspath(reference)}
+  aux_spec, aux_cfg = {}, None
+  if any(setting.uses_aux for setting in settings):
+    aux_config, aux_step = checkpoint.run_config(aux_workdir or workdir, aux_step)
+    aux_cfg = config_lib.model_config(aux_config["model"])
+    aux_spec = {"aux_workdir": os.path.abspath(aux_workdir or workdir), "aux_step": aux_step}
+  for setting in settings:  # token counts per step: raises on a setting the model cannot run
+    sampling.make_plan(config_lib.model_config(run_config["model"]), setting, steps=steps,
+                       aux_cfg=aux_cfg if setting.uses_aux else None)
   models = {}
   rows = []
   for setting in settings:
     sampler, warm = None, False
+    setting_spec = {**spec, **(aux_spec if setting.uses_aux else {})}
     for seed in seeds:
-      folder = os.path.join(out, slug(setting), f"seed{seed}")
-      if not _done(folder):
+      folder = os.path.join(out, setting.slug, f"seed{seed}")
+      if not _done(folder, setting_spec):
         if sampler is None:
           if setting.uses_aux not in models:
             models[setting.uses_aux] = sample.load_models(
@@ -98,6 +121,8 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
         warm = True
         npz.evaluate_npz(os.path.join(folder, "samples.npz"), reference, metric,
                          inception_weights, batch_size)
+        with open(os.path.join(folder, "spec.json"), "w") as f:
+          json.dump(setting_spec, f, indent=2)
       rows.append(_row(setting, seed, folder))
   return rows
 
@@ -108,7 +133,7 @@ def _row(setting, seed, folder) -> dict:
   with open(os.path.join(folder, "metrics.json")) as f:
     measured = json.load(f)
   row = {name: getattr(setting, name) for name in SETTING_COLUMNS}
-  row.update(slug=slug(setting), seed=seed, gflops_true=sampled["gflops_true"],
+  row.update(slug=setting.slug, seed=seed, gflops_true=sampled["gflops_true"],
              gflops_paper=sampled["gflops_paper"], nfe=sampled["nfe"],
              images_per_s=sampled["images_per_s"])
   row.update({k: v for k, v in measured.items() if isinstance(v, (int, float))
@@ -147,8 +172,10 @@ def label(entry: dict) -> str:
     if entry["gamma_strong"] or entry["gamma_weak"]:
       text += f" gamma={entry['gamma_strong']:g}/{entry['gamma_weak']:g}"
   if entry["schedule"] != "constant":
-    text += (f" -> {entry['gamma_strong_end']:g}/{entry['gamma_weak_end']:g}"
-             f" ({entry['schedule']})")
+    # An end rate left unset keeps the start rate (GuidanceConfig.end_gammas).
+    strong, weak = (entry[f"gamma_{b}_end"] if entry[f"gamma_{b}_end"] is not None
+                    else entry[f"gamma_{b}"] for b in ("strong", "weak"))
+    text += f" -> {strong:g}/{weak:g} ({entry['schedule']})"
   return text
 
 

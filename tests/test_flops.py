@@ -81,7 +81,8 @@ def test_guided_flops_cli_prints_table_2_numbers():
   assert abs(cfg["gflops_paper"] - 228.8) <= 0.2
   assert abs(sg["gflops_paper"] - 97.7) <= 0.2
   assert sg["gflops_true"] < none["gflops_true"] < cfg["gflops_true"]
-  assert (none["nfe_per_image"], cfg["nfe_per_image"]) == (40, 80)
+  assert (none["nfe"], cfg["nfe"], sg["nfe"]) == (40, 80, 80)
+  assert sg["rule"] == "sg" and sg["num_variants"] == 1
   # --gamma alone still reports one forward pass.
   assert run_flops_cli(config, "--gamma=0.5")["block_tokens"][2] == 128
 

@@ -92,7 +92,7 @@ def test_sweep_resumes_and_report_fills_every_row(run):
       "rule=sg;omega=2;gamma_strong=0,0.3;gamma_weak=0.6")
   rows = sweep.run_sweep(str(run / "model"), settings, str(run / "compare"), **kwargs)
   assert len(rows) == 6 and all(0 <= r["class_accuracy"] <= 1 for r in rows)
-  first = run / "compare" / sweep.slug(settings[1]) / "seed0" / "samples.npz"
+  first = run / "compare" / settings[1].slug / "seed0" / "samples.npz"
   stamp = first.stat().st_mtime_ns
   again = sweep.run_sweep(str(run / "model"), settings, str(run / "compare"), **kwargs)
   assert first.stat().st_mtime_ns == stamp and again == rows  # nothing recomputed
@@ -107,3 +107,27 @@ def test_sweep_resumes_and_report_fills_every_row(run):
   for entry in entries:
     assert sweep.label(entry) in text
   assert "nan" not in text.lower() and "Training took 12 s" in text
+  # Another sample count: that folder is redone, not reused.
+  sweep.run_sweep(str(run / "model"), settings[1:2], str(run / "compare"),
+                  **{**kwargs, "seeds": (0,), "num_samples": 16})
+  assert first.stat().st_mtime_ns != stamp
+
+
+def test_sweep_checks_every_input_before_sampling(run, tmp_path):
+  model, out = str(run / "model"), str(tmp_path / "sweep")
+  cases = [([], {}, "no valid setting"),
+           (sweep.parse_grid("rule=none"), dict(metric="adm"), "needs a reference"),
+           (sweep.parse_grid("rule=ag;omega=2"), {}, "needs --aux_workdir"),
+           ([sg(gamma_strong=0.5, gamma_weak=0.51)], {}, "keep 32 and 32 of 64 tokens")]
+  for settings, kwargs, message in cases:
+    with pytest.raises(ValueError, match=message):
+      sweep.run_sweep(model, settings, out, batch_size=16, **kwargs)
+  with pytest.raises(FileNotFoundError, match="--step=7"):
+    sweep.run_sweep(model, sweep.parse_grid("rule=none"), out, batch_size=16, step=7)
+  assert not os.path.exists(out)
+
+
+def test_sweep_labels_name_unset_schedule_ends_by_their_start_rate():
+  entry = dict(rule="sg", omega=2.0, gamma_strong=0.2, gamma_weak=0.6, schedule="cosine",
+               gamma_strong_end=None, gamma_weak_end=0.0)
+  assert sweep.label(entry) == "sg omega=2 gamma=0.2/0.6 -> 0.2/0 (cosine)"

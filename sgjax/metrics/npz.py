@@ -72,6 +72,20 @@ def digits_metrics(samples_path: str, reference_path: str | None = None,
   return digits.metrics(images, labels, reference, batch_size=batch_size)
 
 
+def check_inputs(metric: str, reference: str | None, inception_weights: str | None) -> None:
+  """Raises, naming the flag, unless `metric` can run with these files (checked before any
+  sampling, so that a sweep does not fail after its first setting)."""
+  if metric not in METRICS:
+    raise ValueError(f"metric={metric!r}: choose one of {METRICS}.")
+  if metric == "adm":
+    if reference is None:
+      raise ValueError("metric='adm' needs a reference batch (--reference=REF.npz), e.g. one"
+                       " of ADM's published VIRTUAL_imagenet256_labeled.npz.")
+    inception.weights_path(inception_weights)  # raises, saying where to get them
+  if reference is not None and not os.path.isfile(reference):
+    raise FileNotFoundError(f"--reference={reference!r}: no such file.")
+
+
 def evaluate_npz(samples: str, reference: str | None = None, metric: str = "adm",
                  inception_weights: str | None = None, batch_size: int = 256,
                  out: str | None = None) -> dict:
@@ -79,13 +93,9 @@ def evaluate_npz(samples: str, reference: str | None = None, metric: str = "adm"
 
   out defaults to metrics.json next to the samples. Returns the metrics.
   """
-  if metric not in METRICS:
-    raise ValueError(f"metric={metric!r}: choose one of {METRICS}.")
+  check_inputs(metric, reference, inception_weights)
   start = time.time()
   if metric == "adm":
-    if reference is None:
-      raise ValueError("metric='adm' needs a reference batch (--reference=REF.npz), e.g. one"
-                       " of ADM's published VIRTUAL_imagenet256_labeled.npz.")
     result = adm_metrics(samples, reference, inception_weights, batch_size)
   else:
     result = digits_metrics(samples, reference, batch_size)
