@@ -55,8 +55,9 @@ def model_config(model: Mapping[str, Any]) -> dit.DiTConfig:
 # Fields that may differ when a run resumes from its workdir (logged, not refused).
 RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_every",
                     "train.ckpt_every", "train.keep_ckpts", "train.keep_every",
-                    "train.sample_every", "data.num_workers", "data.path", "data.data_dir", "model.remat",
-                    "model.attention", "mesh.preset", "mesh.tensor", "mesh.dcn_data")
+                    "train.sample_every", "data.num_workers", "data.path", "data.data_dir",
+                    "model.remat", "model.attention", "mesh.preset", "mesh.tensor",
+                    "mesh.dcn_data")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
