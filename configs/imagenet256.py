@@ -58,6 +58,6 @@ def get_config(arg=None):
     config.model.update(depth=4, width=64, num_heads=4, input_size=8, patch_size=2,
                         dtype="float32", decoder_depth=2, decoder_width=32, decoder_heads=4,
                         routes=((1, 2, 0.5),) if arg["sparsity"] == "routing" else ())
-    config.train.update(batch_size=16, steps=20, log_every=5, ckpt_every=10)
+    config.train.update(batch_size=16, steps=20, log_every=5, ckpt_every=10, keep_every=0)
     config.data.update(source="synthetic", num_workers=0)
   return config

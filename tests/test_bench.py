@@ -58,5 +58,5 @@ def test_bench_writes_consistent_tables_and_a_profile(tmp_path):
   with open(path[:-len(".json")] + ".md") as f:
     table = f.read()
   assert "### Training (batch 4)" in table and "| sg_flops |" in table
-  assert "### One forward pass per sparsity rate" in table
+  assert "### One pass per sampling step at each sparsity rate" in table
   assert glob.glob(str(tmp_path / "trace" / "**" / "*.xplane.pb"), recursive=True)
