@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark set, on one GPU in about 8 minutes (an H100):
+# The GPU benchmark set, on one GPU (about 8 minutes on an H100, estimated from earlier runs'
+# compile and step times):
 #
 #   bash launch/bench_gpu.sh [--dry-run] [--out=DIR] [--only=train-xla,train-cudnn,sample]
 #
@@ -20,7 +21,7 @@ for arg in "$@"; do
     --dry-run) DRY_RUN=1 ;;
     --out=*) OUT="${arg#*=}" ;;
     --only=*) ONLY="${arg#*=}" ;;
-    *) echo "error: unknown argument $arg" >&2; sed -n '2,13p' "$0" >&2; exit 2 ;;
+    *) echo "error: unknown argument $arg" >&2; sed -n '2,14p' "$0" >&2; exit 2 ;;
   esac
 done
 
