@@ -74,30 +74,24 @@ class Checkpointer:
     self._manager.close()
 
 
-def resolve_step(workdir: str, step: int | None = None) -> int:
-  """`step`, or the latest, after checking that `workdir` holds a complete checkpoint there."""
+def run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """(the config checkpoint `step` (default: the latest) was trained with, its step), after
+  checking that `workdir` holds that complete checkpoint; no weights are read."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"--workdir={workdir!r} holds no checkpoints/ folder: train a"
                             " model there first (python -m sgjax.train --workdir=...).")
   ckpt = Checkpointer(workdir, async_save=False)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  if not steps:
-    raise FileNotFoundError(f"--workdir={workdir!r} holds no complete checkpoint yet.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"--step={step}: no checkpoint at that step in {workdir!r};"
-                            f" available: {sorted(steps)}.")
-  return step
-
-
-def run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """(the config a checkpoint was trained with, its step): no weights are read."""
-  step = resolve_step(workdir, step)
-  ckpt = Checkpointer(workdir, async_save=False)
-  config = ckpt.restore_config(step)
-  ckpt.close()
-  return config, step
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"--workdir={workdir!r} holds no complete checkpoint yet.")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"--step={step}: no checkpoint at that step in {workdir!r};"
+                              f" available: {sorted(steps)}.")
+    return ckpt.restore_config(step), step
+  finally:
+    ckpt.close()
 
 
 def load_model(workdir: str, step: int | None = None, ema: bool = True,

@@ -88,7 +88,8 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   for setting in settings:
     sample.check_aux(setting, aux_workdir, aux_step)
   mesh = sample.sampling_mesh(batch_size)
-  run_config, step = checkpoint.run_config(workdir, step)
+  config, step = checkpoint.run_config(workdir, step)
+  model_cfg = config_lib.model_config(config["model"])
   spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
           "reference": reference and os.path.abspath(reference)}
@@ -98,7 +99,7 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
     aux_cfg = config_lib.model_config(aux_config["model"])
     aux_spec = {"aux_workdir": os.path.abspath(aux_workdir or workdir), "aux_step": aux_step}
   for setting in settings:  # token counts per step: raises on a setting the model cannot run
-    sampling.make_plan(config_lib.model_config(run_config["model"]), setting, steps=steps,
+    sampling.make_plan(model_cfg, setting, steps=steps,
                        aux_cfg=aux_cfg if setting.uses_aux else None)
   models = {}
   rows = []
