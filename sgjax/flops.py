@@ -117,14 +117,18 @@ def shared_branch_flops(cfg: dit.DiTConfig, gamma_strong: float, gamma_weak: flo
   Both branches see the same x_t and t, so the patch and time embeddings are equal; with the
   same labels (sg) so is the conditioning vector, hence every adaLN modulation and, for
   routing, every block before the first route; if neither branch drops a token, all of it.
-  The compiled step computes that work once (XLA's common-subexpression elimination, and the
-  sampler's vmap leaves shared inputs unbatched), so true step FLOPs subtract it. The paper
-  convention (Table 2) counts both branches in full: its `paper` part is 0.
+  The sampler computes that work once where it evaluates the branches as one call: at equal
+  token counts (vmapped over the branches, shared inputs unbatched) and with the same labels
+  (`DiT.branches`, the packed pass). Different labels at different token counts take two
+  calls, which share nothing inside the sampling loop. True step FLOPs subtract the shared
+  work; the paper convention (Table 2) counts both branches in full: its `paper` part is 0.
   """
   n, w = cfg.num_tokens, cfg.width
   kept = [min(block_tokens(cfg, gamma)) for gamma in (gamma_strong, gamma_weak)]
   if same_labels and kept == [n, n]:
     return Flops(forward_flops(cfg, 0.0).true, 0.0)
+  if not same_labels and kept[0] != kept[1]:
+    return Flops(0.0, 0.0)
   shared = (_linear(n, cfg.patch_dim, w) + _linear(1, dit.TIME_FREQUENCIES, w)
             + _linear(1, w, w))
   if same_labels:

@@ -15,8 +15,12 @@ segment's branches run at exactly their own K: the sparser branch is never padde
 Branches. When both branches use the same model with the same K (CFG, ICG, SG with equal
 gammas, ...), they run as one call vmapped over a leading branch axis of size 2: one set of
 larger matmuls, and, unlike concatenating the two halves into a [2B] batch, the batch axis
-keeps its sharding, so no data moves between devices. Otherwise (different K, or the AG
-auxiliary model) the branches are two evaluations inside the same program.
+keeps its sharding, so no data moves between devices. SG's branches (same model and labels,
+different K) run as one packed pass, `DiT.branches`: both branches' tokens in the same
+matmuls, and the work they share (embeddings, modulations, blocks before the first route)
+done once. That must be explicit: XLA does not merge two calls' common work inside a loop
+body. Otherwise (different labels and K, or the AG auxiliary model) the branches are two
+evaluations inside the same program.
 
 Randomness. Everything comes from the sample key: the initial noise from fold_in(key, 0);
 the token subsets and ICG labels of step s, solver stage j, branch b from
@@ -208,6 +212,10 @@ def branch_velocity(model: dit.DiT, aux_model: dit.DiT | None, rule: str, segmen
     v = forward(labels if same_labels else jnp.stack([labels, labels_weak]),
                 _stack(strong_subsets, weak_subsets))
     v_strong, v_weak = v[0], v[1]
+  elif weak_model is model and labels_weak is labels:
+    # sg: the same conditioning at different token counts. One pass, the branches' tokens
+    # packed along the token axis (see `DiT.branches`).
+    v_strong, v_weak = model.branches(x, t, labels, (strong_subsets, weak_subsets))
   else:
     v_strong = model(x, t, labels, strong_subsets)
     v_weak = weak_model(x, t, labels_weak, weak_subsets)

@@ -115,3 +115,11 @@ def test_true_flops_count_work_shared_by_both_branches_once():
   cfg_step = flops.guided_step_flops(cfg, GuidanceConfig("cfg")).true
   assert 1.9 * one.true < cfg_step < 2 * one.true
   assert flops.guided_step_flops(cfg, GuidanceConfig("ag")).true == pytest.approx(2 * one.true)
+  # CFG+SG at different token counts: two calls in the sampler, nothing shared.
+  cfg_sg = flops.guided_step_flops(cfg, GuidanceConfig("cfg+sg", gamma_strong=0.2,
+                                                       gamma_weak=0.7)).true
+  two = flops.forward_flops(cfg, 0.2).true + flops.forward_flops(cfg, 0.7).true
+  assert cfg_sg == pytest.approx(two)
+  # SG shares the embeddings, the modulations and the block before the route.
+  sg = flops.guided_step_flops(cfg, GuidanceConfig("sg", gamma_strong=0.2, gamma_weak=0.7)).true
+  assert sg < two - flops.forward_flops(cfg, 0.0).true / cfg.depth

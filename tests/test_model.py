@@ -62,7 +62,7 @@ def test_routed_blocks_see_only_kept_tokens_and_skipped_tokens_pass_unchanged():
   subset = sparsity.random_subset(jax.random.key(5), 8, cfg.num_tokens, 0.5)
   h = jax.random.normal(jax.random.key(6), (8, cfg.num_tokens, cfg.width))
   c = jax.random.normal(jax.random.key(7), (8, cfg.width))
-  out = model._routed_blocks(h, c, (subset,))
+  (out,) = model._routed_blocks([h], c, ((subset,),))
   before_route = model.blocks[0](h, c)
   np.testing.assert_array_equal(sparsity.gather(out, subset.drop),
                                 sparsity.gather(before_route, subset.drop))
@@ -70,6 +70,25 @@ def test_routed_blocks_see_only_kept_tokens_and_skipped_tokens_pass_unchanged():
   for block in model.blocks[1:]:
     kept = block(kept, c)
   np.testing.assert_allclose(sparsity.gather(out, subset.keep), kept, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    tiny_config("routing", routes=(Route(0, 0, 0.5), Route(2, 3, 0.5))),
+    tiny_config("masking"),
+], ids=["routing", "masking"])
+def test_packed_branches_equal_one_call_per_branch(cfg):
+  # Different token counts per branch (and a branch that keeps every token): the packed pass
+  # must give each branch exactly its own forward, attention never crossing branches.
+  model = perturbed_model(cfg)
+  x, t, y = batch(cfg)
+  subsets = [model.draw_subsets(jax.random.key(k), 8, gamma)
+             for k, gamma in ((0, 0.25), (1, 0.75), (2, 0.75))]
+  branches = [subsets[0], subsets[1], (), subsets[2]]
+  packed = jax.jit(lambda x, t, y: model.branches(x, t, y, branches))(x, t, y)
+  assert len(packed) == len(branches)
+  for out, branch in zip(packed, branches):
+    np.testing.assert_allclose(out, model(x, t, y, branch), atol=1e-5)
+  assert np.abs(np.asarray(packed[1] - packed[3])).max() > 1e-4  # other tokens, other output
 
 
 def test_dit_xl2_has_675m_parameters_counted_abstractly():
@@ -121,6 +140,12 @@ def test_sharded_forward_over_8_devices_matches_one_device():
     forward = jax.jit(forward.__wrapped__)
     np.testing.assert_allclose(forward(state, put(x), put(t), put(y), subsets), expected,
                                atol=1e-5)
+    # SG's packed pass (two branches, different token counts) under the same mesh.
+    weak = local.draw_subsets(jax.random.key(1), 8, 0.75)
+    packed = jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state).branches(
+        x, t, y, (subsets, weak)))(state, put(x), put(t), put(y))
+    np.testing.assert_allclose(packed[0], expected, atol=1e-5)
+    np.testing.assert_allclose(packed[1], local(x, t, y, weak), atol=1e-5)
 
 
 def test_remat_policies_give_the_gradients_of_the_plain_model():

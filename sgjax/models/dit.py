@@ -11,6 +11,7 @@ features), `adaln` (modulation outputs), `classes`, `patch` (pixels of one patch
 
 Token sparsity enters through `subsets`, drawn by `DiT.draw_subsets` from an explicit key:
 one `TokenSubset` (or None = all tokens) per route for routing, a single one for masking.
+`DiT.branches` evaluates several such branches (SG's two rates) in one packed pass.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ SPARSITY_MODES = ("dense", "routing", "masking")
 # dim a multiple of 8, at most 128 before Hopper and 256 from it), which never writes the
 # [N, N] attention scores to memory.
 ATTENTION_KERNELS = ("xla", "cudnn")
+# Token counts of the sequences packed along a block's token axis (see `run_packed`).
+Groups = tuple[int, ...] | None
 # Rematerialisation of each transformer block in the backward pass: what autodiff may keep
 # from the forward pass; everything else is recomputed. "none" keeps every residual.
 REMAT_POLICIES = {
@@ -230,7 +233,8 @@ class Attention(nnx.Module):
     self.v = _linear(width, width, ("embed", "heads"), rngs, dtype)
     self.proj = _linear(width, width, ("heads", "embed"), rngs, dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, D]
+  def __call__(self, x: jax.Array, groups: Groups = None) -> jax.Array:  # [B, N, D] -> same
+    """Self-attention within each group of `groups` (see `Block`), or over all N tokens."""
     b, n, d = x.shape
 
     def heads(y):  # Megatron layout: heads split over `tensor`
@@ -240,9 +244,11 @@ class Attention(nnx.Module):
     if self.implementation == "cudnn" and jax.default_backend() != "gpu":
       raise ValueError(f"model.attention='cudnn' runs only on NVIDIA GPUs; this process runs"
                        f" on {jax.default_backend()}. Use model.attention='xla'.")
-    out = jax.nn.dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
-                                       implementation=self.implementation)
-    return self.proj(out.reshape(b, n, d))
+    q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+    outs = [jax.nn.dot_product_attention(q[:, a:z], k[:, a:z], v[:, a:z],
+                                         implementation=self.implementation)
+            for a, z in _bounds(groups or (n,))]
+    return self.proj(_pack(outs).reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
@@ -267,20 +273,55 @@ class Block(nnx.Module):
     self.mlp = Mlp(width, int(width * mlp_ratio), dtype, rngs)
     self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
 
-  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:  # x: [B, N, D], c: [B, Dc]
+  def __call__(self, x: jax.Array, c: jax.Array, groups: Groups = None) -> jax.Array:
+    """x: [B, N, D], c: [B, Dc]. `groups` (token counts summing to N): x packs independent
+    sequences along the token axis that attend only within themselves; None: one sequence."""
     # The residual stream and modulations stay split over the batch, whole over `tensor`.
     x = sharding.constrain(x, sharding.BATCH_AXES, None, None)
     modulation = sharding.constrain(self.adaln(jax.nn.silu(c)), sharding.BATCH_AXES, None)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6, -1)
-    x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1)).astype(x.dtype)
+    attended = self.attn(_modulate(self.norm1(x), shift1, scale1), groups)
+    x = x + gate1[:, None] * attended.astype(x.dtype)
     return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2)).astype(x.dtype)
 
 
-def run_block(block: Block, x: jax.Array, c: jax.Array, remat: str) -> jax.Array:
-  """`block(x, c)`, rematerialised in the backward pass under REMAT_POLICIES[remat]."""
+def run_block(block: Block, x: jax.Array, c: jax.Array, remat: str,
+              groups: Groups = None) -> jax.Array:
+  """`block(x, c, groups)`, rematerialised in the backward pass under REMAT_POLICIES[remat]."""
   if remat == "none":
-    return block(x, c)
-  return nnx.remat(lambda block, x, c: block(x, c), policy=REMAT_POLICIES[remat])(block, x, c)
+    return block(x, c, groups)
+  return nnx.remat(lambda block, x, c: block(x, c, groups),
+                   policy=REMAT_POLICIES[remat])(block, x, c)
+
+
+def block_fn(block: Block, c: jax.Array, remat: str):
+  """`block` as a layer `fn(x, groups)` for `run_packed`."""
+  return lambda x, groups: run_block(block, x, c, remat, groups)
+
+
+def _bounds(groups: tuple[int, ...]) -> list[tuple[int, int]]:
+  ends = np.cumsum(groups).tolist()
+  return list(zip([0] + ends[:-1], ends))
+
+
+def _pack(streams: Sequence[jax.Array]) -> jax.Array:
+  return streams[0] if len(streams) == 1 else jnp.concatenate(streams, axis=1)
+
+
+def run_packed(fn, streams: Sequence[jax.Array]) -> list[jax.Array]:
+  """Applies a token-wise layer `fn(x, groups)` to several token streams [B, n_i, D] at once.
+
+  The streams are packed along the token axis into one [B, sum(n_i), D] array, so every
+  linear layer is one larger matmul, and `groups` keeps attention within each stream.
+  Streams that are the same array (branches before they diverge) are computed once.
+  """
+  distinct = list({id(h): h for h in streams}.values())
+  groups = tuple(h.shape[1] for h in distinct)
+  out = fn(_pack(distinct), groups)
+  if len(distinct) == 1:
+    return [out] * len(streams)
+  by_id = {id(h): out[:, a:z] for h, (a, z) in zip(distinct, _bounds(groups))}
+  return [by_id[id(h)] for h in streams]
 
 
 class FinalLayer(nnx.Module):
@@ -310,16 +351,23 @@ class MaskDecoder(nnx.Module):
     self.grid_size = cfg.grid_size
     self.remat = cfg.remat
 
-  def __call__(self, h: jax.Array, c: jax.Array, subset: TokenSubset | None) -> jax.Array:
-    h = self.embed(h)  # [B, K, Dd]
-    if subset is not None:
-      b, dropped = h.shape[0], subset.num_tokens - subset.num_kept
-      mask = jnp.broadcast_to(self.mask_token[...].astype(h.dtype), (b, dropped, h.shape[-1]))
-      h = sparsity.merge(h, mask, subset)
-    h = h + sincos_pos_embed(h.shape[-1], self.grid_size).astype(h.dtype)
+  def __call__(self, streams: list[jax.Array], c: jax.Array,
+               subsets: Sequence[TokenSubset | None]) -> list[jax.Array]:
+    """Each branch's encoder output [B, K, D] and subset -> its full sequence [B, N, Dd]
+    (see `run_packed`)."""
+    streams = run_packed(lambda h, _: self.embed(h), streams)
+    full = []
+    for h, subset in zip(streams, subsets):
+      if subset is not None:
+        b, dropped = h.shape[0], subset.num_tokens - subset.num_kept
+        mask = jnp.broadcast_to(self.mask_token[...].astype(h.dtype), (b, dropped, h.shape[-1]))
+        h = sparsity.merge(h, mask, subset)
+      full.append(h)
+    pos = sincos_pos_embed(full[0].shape[-1], self.grid_size).astype(full[0].dtype)
+    streams = run_packed(lambda h, groups: h + jnp.concatenate([pos] * len(groups)), full)
     for block in self.blocks:
-      h = run_block(block, h, c, self.remat)
-    return h
+      streams = run_packed(block_fn(block, c, self.remat), streams)
+    return streams
 
 
 class DiT(nnx.Module):
@@ -357,41 +405,59 @@ class DiT(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
                subsets: Sequence[TokenSubset | None] = ()) -> jax.Array:
+    return self.branches(x, t, y, (tuple(subsets),))[0]
+
+  def branches(self, x: jax.Array, t: jax.Array, y: jax.Array,
+               branch_subsets: Sequence[Sequence[TokenSubset | None]]) -> tuple[jax.Array, ...]:
+    """The velocities of several sparsity branches at the same x, t and y, in one pass.
+
+    One entry of `branch_subsets` per branch (the `subsets` of `__call__`). The branches'
+    token streams are packed along the token axis (`run_packed`): each linear layer runs once
+    on all branches' tokens and attention stays within each branch, so SG's weak branch
+    (few kept tokens) rides along in the strong branch's matmuls. Work the branches share
+    (embeddings, conditioning, blocks before the first route) is done once, even inside a
+    loop body, where XLA does not merge two calls' common work. Equals calling the model
+    once per branch.
+    """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     h = self.patch_embed(patchify(x.astype(dtype), cfg.patch_size))
     h = h + sincos_pos_embed(cfg.width, cfg.grid_size).astype(dtype)
     c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t).astype(dtype))))
     c = sharding.constrain(c + self.y_embed(y), sharding.BATCH_AXES, None)
+    streams = [h] * len(branch_subsets)
     if cfg.sparsity == "masking":
-      subset = subsets[0] if subsets else None
-      if subset is not None:
-        h = sparsity.gather(h, subset.keep)
+      subsets = [s[0] if s else None for s in branch_subsets]
+      streams = [h if s is None else sparsity.gather(h, s.keep)
+                 for h, s in zip(streams, subsets)]
       for block in self.blocks:
-        h = run_block(block, h, c, cfg.remat)
-      h = self.decoder(h, c, subset)
+        streams = run_packed(block_fn(block, c, cfg.remat), streams)
+      streams = self.decoder(streams, c, subsets)
     else:
-      h = self._routed_blocks(h, c, subsets)
-    out = self.final(h, c).astype(jnp.float32)
-    return unpatchify(out, cfg.patch_size, cfg.in_channels)
+      streams = self._routed_blocks(streams, c, branch_subsets)
+    outs = run_packed(lambda h, _: self.final(h, c).astype(jnp.float32), streams)
+    return tuple(unpatchify(out, cfg.patch_size, cfg.in_channels) for out in outs)
 
-  def _routed_blocks(self, h, c, subsets):
-    routes = self.cfg.routes if subsets else ()
-    by_start = {route.start: (route, subset) for route, subset in zip(routes, subsets)}
+  def _routed_blocks(self, streams, c, branch_subsets):
+    """Each branch's token stream through the blocks, TREAD routes applied."""
+    routes = self.cfg.routes
+    by_start = {route.start: r for r, route in enumerate(routes)}
     i = 0
     while i < len(self.blocks):
-      route, subset = by_start.get(i, (None, None))
-      if subset is None:
-        h = run_block(self.blocks[i], h, c, self.cfg.remat)
+      r = by_start.get(i)
+      subsets = [s[r] if s and r is not None else None for s in branch_subsets]
+      if all(subset is None for subset in subsets):
+        streams = run_packed(block_fn(self.blocks[i], c, self.cfg.remat), streams)
         i += 1
         continue
       # TREAD: blocks start..end see the kept tokens; the others skip them unchanged.
-      kept, skipped = sparsity.gather(h, subset.keep), sparsity.gather(h, subset.drop)
-      for j in range(route.start, route.end + 1):
-        kept = run_block(self.blocks[j], kept, c, self.cfg.remat)
-      h = sparsity.merge(kept, skipped, subset)
-      i = route.end + 1
-    return h
+      kept = [h if s is None else sparsity.gather(h, s.keep) for h, s in zip(streams, subsets)]
+      for j in range(routes[r].start, routes[r].end + 1):
+        kept = run_packed(block_fn(self.blocks[j], c, self.cfg.remat), kept)
+      streams = [k if s is None else sparsity.merge(k, sparsity.gather(h, s.drop), s)
+                 for h, k, s in zip(streams, kept, subsets)]
+      i = routes[r].end + 1
+    return streams
 
 
 def route_rates(cfg: DiTConfig, gamma: float | None) -> tuple[float, ...]:
