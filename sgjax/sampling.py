@@ -344,13 +344,6 @@ class Sampler:
     with self._traced_in_mesh():
       return self._velocity(self._states, x, t, labels, key, omega, segment=self.segment(step))
 
-  def lower_velocity(self, x: jax.Array, t: jax.Array, labels: jax.Array,
-                     key: jax.Array | int, step: int = 0) -> jax.stages.Lowered:
-    labels, key, omega = self._inputs(labels, key)
-    with self._traced_in_mesh():
-      return self._velocity.lower(self._states, x, t, labels, key, omega,
-                                  segment=self.segment(step))
-
 
 def sample(model: dit.DiT, guidance: GuidanceConfig, labels: jax.Array, key: jax.Array | int,
            *, steps: int = 40, solver: str = "euler", aux_model: dit.DiT | None = None,
