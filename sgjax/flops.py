@@ -117,9 +117,9 @@ def shared_branch_flops(cfg: dit.DiTConfig, gamma_strong: float, gamma_weak: flo
   Both branches see the same x_t and t, so the patch and time embeddings are equal; with the
   same labels (sg) so is the conditioning vector, hence every adaLN modulation and, for
   routing, every block before the first route; if neither branch drops a token, all of it.
-  The sampler computes that work once where it evaluates the branches as one call: at equal
-  token counts (vmapped over the branches, shared inputs unbatched) and with the same labels
-  (`DiT.branches`, the packed pass). Different labels at different token counts take two
+  The sampler computes that work once where it evaluates the branches as one call: with the
+  same labels (`DiT.branches`, the packed pass) and at equal token counts (vmapped over the
+  branches, x and t unbatched). Different labels at different token counts take two
   calls, which share nothing inside the sampling loop. True step FLOPs subtract the shared
   work; the paper convention (Table 2) counts both branches in full: its `paper` part is 0.
   """

@@ -12,15 +12,14 @@ A constant schedule gives one segment (three with a guidance interval); a cosine
 most `num_levels` segments (+2 with an interval), since its progress is monotone. Each
 segment's branches run at exactly their own K: the sparser branch is never padded.
 
-Branches. When both branches use the same model with the same K (CFG, ICG, SG with equal
-gammas, ...), they run as one call vmapped over a leading branch axis of size 2: one set of
+Branches. SG's branches (same model and labels) run as one packed pass, `DiT.branches`:
+both branches' tokens in the same matmuls, and the work they share (embeddings, modulations,
+blocks before the first route) done once. That must be explicit: XLA does not merge two
+calls' common work inside a loop body. Branches of the same model with other labels and the
+same K (CFG, ICG) run as one call vmapped over a leading branch axis of size 2: one set of
 larger matmuls, and, unlike concatenating the two halves into a [2B] batch, the batch axis
-keeps its sharding, so no data moves between devices. SG's branches (same model and labels,
-different K) run as one packed pass, `DiT.branches`: both branches' tokens in the same
-matmuls, and the work they share (embeddings, modulations, blocks before the first route)
-done once. That must be explicit: XLA does not merge two calls' common work inside a loop
-body. Otherwise (different labels and K, or the AG auxiliary model) the branches are two
-evaluations inside the same program.
+keeps its sharding, so no data moves between devices. Otherwise (different labels and K, or
+the AG auxiliary model) the branches are two evaluations inside the same program.
 
 Randomness. Everything comes from the sample key: the initial noise from fold_in(key, 0);
 the token subsets and ICG labels of step s, solver stage j, branch b from
@@ -203,19 +202,16 @@ def branch_velocity(model: dit.DiT, aux_model: dit.DiT | None, rule: str, segmen
   # entries are a subset of its first K_strong (or the other way round).
   key_weak = key_strong if nested else jax.random.fold_in(key, _WEAK)
   weak_subsets = dit.draw_subsets(weak_model.cfg, key_weak, batch, segment.gamma_weak)
-  if weak_model is model and segment.num_kept_strong == segment.num_kept_weak:
-    # Equal shapes: one call over a leading branch axis. Inputs both branches share (x, t,
-    # and for sg the labels) stay unbatched, so the work on them is done once.
-    same_labels = labels_weak is labels
-    forward = jax.vmap(lambda y, subsets: model(x, t, y, subsets),
-                       in_axes=(None if same_labels else 0, 0), axis_size=2)
-    v = forward(labels if same_labels else jnp.stack([labels, labels_weak]),
-                _stack(strong_subsets, weak_subsets))
-    v_strong, v_weak = v[0], v[1]
-  elif weak_model is model and labels_weak is labels:
-    # sg: the same conditioning at different token counts. One pass, the branches' tokens
-    # packed along the token axis (see `DiT.branches`).
+  if weak_model is model and labels_weak is labels:
+    # sg: the same conditioning. One pass, the branches' tokens packed along the token axis
+    # and their common work done once (see `DiT.branches`).
     v_strong, v_weak = model.branches(x, t, labels, (strong_subsets, weak_subsets))
+  elif weak_model is model and segment.num_kept_strong == segment.num_kept_weak:
+    # Other labels, equal shapes (cfg, icg): one call over a leading branch axis. x and t
+    # stay unbatched, so the work on them is done once.
+    forward = jax.vmap(lambda y, subsets: model(x, t, y, subsets), axis_size=2)
+    v = forward(jnp.stack([labels, labels_weak]), _stack(strong_subsets, weak_subsets))
+    v_strong, v_weak = v[0], v[1]
   else:
     v_strong = model(x, t, labels, strong_subsets)
     v_weak = weak_model(x, t, labels_weak, weak_subsets)
