@@ -11,7 +11,7 @@
 # CPU devices (JAX_PLATFORMS=cpu). With --log-dir, process i writes D/process_i.log; otherwise
 # all share this terminal. When one process fails, the others are stopped (their collectives
 # would hang) and this script exits with the failing status; SIGINT/SIGTERM are passed on
-# (training then checkpoints and stops).
+# (training then checkpoints and stops, status 75: rerun to resume).
 set -euo pipefail
 
 usage() {
@@ -101,7 +101,12 @@ while [[ ${#ALIVE[@]} -gt 0 ]]; do
   fi
   echo "multiprocess_local: process ${ALIVE[$DONE]} (pid $DONE) exited with status $CODE" >&2
   unset "ALIVE[$DONE]"
-  if [[ $CODE -ne 0 && $STATUS -eq 0 ]]; then
+  if [[ $CODE -eq 75 ]]; then
+    # sgjax.train stopped on a signal with a checkpoint; the others stop at the same step.
+    [[ $STATUS -ne 0 ]] || STATUS=75
+    continue
+  fi
+  if [[ $CODE -ne 0 && ($STATUS -eq 0 || $STATUS -eq 75) ]]; then
     STATUS=$CODE
     if [[ ${#ALIVE[@]} -gt 0 ]]; then
       # The others would wait forever in collectives with the dead process: stop them,

@@ -5,7 +5,8 @@
         --workdir=/shared/runs/sit_xl --config.data.path='/data/latents/train-*'
 
 Starting again with the same workdir resumes from its latest checkpoint. SIGTERM / SIGINT
-(pod preemption, Ctrl-C) save a checkpoint and exit cleanly.
+(pod preemption, Ctrl-C) save a checkpoint and exit with status 75 (`EXIT_PREEMPTED`), so a
+scheduler can tell a stop to resume from a finished run (status 0).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,17 @@ from sgjax import train_state
 from sgjax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
+# sysexits' EX_TEMPFAIL: stopped early with a checkpoint; rerunning the command resumes.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint at `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f"stopped at step {step} with a checkpoint; run the same command to"
+                     " resume")
+    self.step = step
 
 
 class Preemption:
@@ -101,8 +114,9 @@ def check_batch_size(batch_size: int, mesh) -> None:
 
 
 def train(config, workdir: str, devices=None) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir` on `devices` (default: all); returns the last
-  logged metrics."""
+  """Trains (or resumes) the run in `workdir` on `devices` (default: all) to
+  `config.train.steps`; returns the last logged metrics. Raises `Preempted` after saving when
+  a signal stopped it earlier."""
   # Everything that can fail on bad input fails here, before any compilation.
   config_lib.validate(config)
   model_cfg = config_lib.model_config(config.model)
@@ -180,8 +194,6 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                               os.path.join(workdir, "samples", f"step_{step:07d}.png"),
                               seed=config.seed)
         if preempted:
-          logging.warning("stopped at step %d with a checkpoint; run the same command to resume",
-                          step)
           break
   finally:
     preemption.close()
@@ -190,6 +202,8 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     logger.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
+  if last_saved < config.train.steps:
+    raise Preempted(last_saved)
   return last
 
 
@@ -216,7 +230,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()  # multi-host jobs: before any JAX computation
   logs.quiet_libraries()
-  train(FLAGS.config, FLAGS.workdir)
+  try:
+    train(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_with_its_checkpo
     code, out = run.wait(timeout=120)
   finally:
     run.kill()
-  assert code == 0, out
+  assert code == train.EXIT_PREEMPTED, out
   (saved,) = _complete_steps(workdir)
   assert max(losses(workdir)) == saved
   for rank in range(PROCESSES):

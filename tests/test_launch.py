@@ -72,17 +72,20 @@ def test_local_failure_stops_the_others_and_returns_its_status(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["process_0.log", "process_1.log"]
 
 
-def test_local_passes_one_sigterm_to_each_process(tmp_path):
+def test_local_passes_one_sigterm_to_each_process_and_lets_each_finish_its_checkpoint(
+    tmp_path):
   # Each process counts the SIGTERMs it gets (training aborts without a checkpoint on a
-  # second one), then exits cleanly.
+  # second one), then exits as training does after saving (status 75); process 0 takes
+  # longer, and the early exit of process 1 must not get it stopped.
   script = ("import os, signal, time\n"
             "got = []\n"
             "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
             "open(os.environ['OUT'] + '.ready' + os.environ['SGJAX_PROCESS_ID'], 'w').close()\n"
             "deadline = time.time() + 60\n"
             "while not got and time.time() < deadline: time.sleep(0.05)\n"
-            "time.sleep(1)\n"
-            "open(os.environ['OUT'] + os.environ['SGJAX_PROCESS_ID'], 'w').write(str(len(got)))\n")
+            "time.sleep(3 if os.environ['SGJAX_PROCESS_ID'] == '0' else 1)\n"
+            "open(os.environ['OUT'] + os.environ['SGJAX_PROCESS_ID'], 'w').write(str(len(got)))\n"
+            "raise SystemExit(75)\n")
   out_prefix = str(tmp_path / "count")
   proc = subprocess.Popen(["bash", LOCAL, "2", sys.executable, "-c", script], cwd=ROOT,
                           env=_env(OUT=out_prefix), start_new_session=True,
@@ -97,7 +100,7 @@ def test_local_passes_one_sigterm_to_each_process(tmp_path):
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-  assert proc.returncode == 0, err
+  assert proc.returncode == 75, err
   for i in range(2):
     with open(f"{out_prefix}{i}") as f:
       assert f.read() == "1"
@@ -162,7 +165,8 @@ def test_slurm_dry_run_outside_a_job_shows_the_submission_and_the_step():
             "--workdir=/shared/run")
   assert out.returncode == 0, out.stderr
   sbatch, srun = commands(out.stdout)
-  assert sbatch == ["sbatch", f"--chdir={ROOT}", SLURM, "--module=sgjax.train",
+  assert sbatch == ["sbatch", f"--chdir={ROOT}", f"--export=ALL,SGJAX_ROOT={ROOT}", SLURM,
+                    "--module=sgjax.train",
                     "--config=configs/imagenet256.py:model=SiT-XL/2", "--workdir=/shared/run"]
   assert srun == ["srun", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-task=1",
                   "--kill-on-bad-exit=1", f"{ROOT}/.venv/bin/python", "-m", "sgjax.train",
@@ -179,6 +183,28 @@ def test_slurm_dry_run_inside_a_job_uses_its_allocation():
       "srun", "--nodes=4", "--ntasks-per-node=4", "--gpus-per-task=1", "--kill-on-bad-exit=1",
       f"{ROOT}/.venv/bin/python", "-m", "sgjax.sample", "--distributed=slurm",
       "--workdir=/shared/run"]]
+
+
+@pytest.mark.parametrize("status", [75, 0, 1])
+def test_slurm_job_requeues_itself_only_when_training_stopped_with_a_checkpoint(
+    tmp_path, status):
+  # SLURM's commands replaced by scripts that log their arguments; srun exits with `status`
+  # (75: sgjax.train stopped on SLURM's SIGTERM after saving).
+  bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+  bin_dir.mkdir()
+  for name, code in (("srun", status), ("scontrol", 0)):
+    (bin_dir / name).write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> {log}\nexit {code}\n')
+    (bin_dir / name).chmod(0o755)
+  env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SGJAX_ROOT=ROOT,
+             SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2")
+  # Started outside the repository, as a job that the script submitted from elsewhere.
+  out = subprocess.run(["bash", SLURM, "--workdir=/shared/run"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == status, out.stderr
+  calls = log.read_text().splitlines()
+  assert calls[0].startswith("srun ") and calls[0].endswith(
+      f"{ROOT}/.venv/bin/python -m sgjax.train --distributed=slurm --workdir=/shared/run")
+  assert calls[1:] == (["scontrol requeue 77"] if status == 75 else [])
 
 
 def test_slurm_header_asks_for_a_checkpoint_before_the_time_limit():

@@ -106,7 +106,7 @@ def test_sigterm_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
+  assert proc.returncode == train.EXIT_PREEMPTED, out
   stopped_at = checkpoint.Checkpointer(str(interrupted)).latest_step()
   assert 10 <= stopped_at < 40, out  # saved where it stopped, not at a scheduled step
   code, out = run_cli(interrupted, *steps)
