@@ -24,8 +24,17 @@ from sgjax.models import dit
 STATE_ITEMS = ("params", "ema", "opt_state")
 
 
+def local_path(path: str, flag: str) -> str:
+  """`path` made absolute. URLs (gs://...) are refused: the plain file APIs used for logs and
+  outputs would quietly turn them into local folders."""
+  if "://" in path:
+    raise ValueError(f"--{flag}={path!r}: URLs are not supported yet; use a path that every"
+                     " host shares (a bucket mounted with gcsfuse, or NFS).")
+  return os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(local_path(workdir, "workdir"), "checkpoints")
 
 
 class Checkpointer:

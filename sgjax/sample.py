@@ -5,7 +5,10 @@
 
 Writes OUT/grid.png (labelled), OUT/samples.npz (`arr_0` uint8 NHWC images, `arr_1` labels:
 the ADM evaluation suite's format) and OUT/sampling.json (guidance, NFE, wall time without
-compilation, images/s, GFLOPs per image of the whole trajectory in both conventions).
+compilation, images/s, GFLOPs per image of the whole trajectory in both conventions). A run
+trained on VAE latents writes OUT/latents.npz instead of images and grid (`arr_0` float32
+NHWC latents, unscaled as the VAE decoder takes them, `arr_1` labels): sgjax does not ship
+the decoder yet.
 """
 
 from __future__ import annotations
@@ -115,10 +118,6 @@ def load_models(workdir: str, guidance: guidance_lib.GuidanceConfig, mesh, *, st
                 ema=True, aux_workdir=None, aux_step=None):
   """(model, aux model or None, run config, {step, aux_step}) for a guidance rule."""
   check_aux(guidance, aux_workdir, aux_step)
-  config, step = checkpoint.run_config(workdir, step)  # checked before any weights are read
-  if config["data"]["source"] == "latents":
-    raise NotImplementedError("this run trains on VAE latents; decoding them to images needs"
-                              " the VAE decoder, which sgjax does not ship yet.")
   model, config, model_step = checkpoint.load_model(workdir, step, ema, mesh)
   aux_model = None
   if guidance.uses_aux:
@@ -126,9 +125,19 @@ def load_models(workdir: str, guidance: guidance_lib.GuidanceConfig, mesh, *, st
   return model, aux_model, config, {"step": model_step, "aux_step": aux_step}
 
 
+def latent_scale_of(config: dict) -> float | None:
+  """The scale of a run trained on VAE latents (its samples are latents), else None."""
+  data = config["data"]
+  return data["latent_scale"] if data["source"] == "latents" else None
+
+
 def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batch_size: int,
-                  labels: str, seed: int, info: dict, warmup: bool = True) -> dict:
+                  labels: str, seed: int, info: dict, warmup: bool = True,
+                  latent_scale: float | None = None) -> dict:
   """Runs `sampler` and writes grid.png, samples.npz, sampling.json; returns the summary.
+
+  With `latent_scale` the samples are latents of a VAE: latents.npz holds them divided by
+  the scale (as the decoder takes them) in place of the images and grid.
 
   Batches have a fixed shape (the last is padded), so images depend on the seed and
   batch_size but never on the device count. `warmup` runs the first batch once untimed
@@ -151,14 +160,19 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   images = [distributed.to_host(sampler(labels_i, batch_key(i)))
             for i, labels_i in enumerate(batches)]
   wall_s = time.perf_counter() - start
-  images = sources.to_uint8(np.concatenate(images)[:num_samples])
+  samples = np.concatenate(images)[:num_samples]
 
   if distributed.is_primary():
     os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "samples.npz"), images, all_labels)
-    save_grid(os.path.join(out, "grid.png"), images[:100], all_labels[:100])
+    if latent_scale is None:
+      images = sources.to_uint8(samples)
+      np.savez(os.path.join(out, "samples.npz"), images, all_labels)
+      save_grid(os.path.join(out, "grid.png"), images[:100], all_labels[:100])
+    else:
+      np.savez(os.path.join(out, "latents.npz"), samples / np.float32(latent_scale), all_labels)
   summary = {
-      **info, "guidance": dataclasses.asdict(sampler.guidance), "num_samples": num_samples,
+      **info, "output": "images" if latent_scale is None else "latents",
+      "guidance": dataclasses.asdict(sampler.guidance), "num_samples": num_samples,
       "batch_size": batch_size, "seed": seed, "labels": labels,
       "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
       "wall_s": wall_s, "compile_and_first_batch_s": first_s,
@@ -178,15 +192,16 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
         ema=True, aux_workdir=None, aux_step=None, steps=40, solver="euler", nested=False,
         num_samples=64, batch_size=64, labels="balanced", seed=0) -> dict:
   """The `python -m sgjax.sample` command as a function."""
+  checkpoint.local_path(out, "out")
   mesh = sampling_mesh(batch_size)
-  model, aux_model, _, steps_info = load_models(workdir, guidance, mesh, step=step, ema=ema,
-                                                aux_workdir=aux_workdir, aux_step=aux_step)
+  model, aux_model, config, steps_info = load_models(
+      workdir, guidance, mesh, step=step, ema=ema, aux_workdir=aux_workdir, aux_step=aux_step)
   sampler = sampling.Sampler(model, guidance, steps=steps, solver=solver,
                              aux_model=aux_model, mesh=mesh, nested=nested)
   info = {"workdir": os.path.abspath(workdir), "ema": ema, "nested": nested,
           "aux_workdir": aux_workdir and os.path.abspath(aux_workdir), **steps_info}
   return sample_to_dir(sampler, out, num_samples=num_samples, batch_size=batch_size,
-                       labels=labels, seed=seed, info=info)
+                       labels=labels, seed=seed, info=info, latent_scale=latent_scale_of(config))
 
 
 def define_flags() -> None:

@@ -73,7 +73,7 @@ def _done(folder: str, spec: dict) -> bool:
 
 def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: str, *,
               seeds=(0,), metric="digits", reference=None, inception_weights=None,
-              steps=40, num_samples=500, batch_size=250, step=None, aux_workdir=None,
+              steps=40, num_samples=500, batch_size=256, step=None, aux_workdir=None,
               aux_step=None) -> list[dict]:
   """Samples + evaluates every setting and seed (reusing finished ones); one row each.
 
@@ -84,11 +84,16 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   if not settings:
     raise ValueError("the grid holds no valid setting (the log says why each combination was"
                      " skipped).")
+  checkpoint.local_path(out, "out")
   npz.check_inputs(metric, reference, inception_weights)
   for setting in settings:
     sample.check_aux(setting, aux_workdir, aux_step)
   mesh = sample.sampling_mesh(batch_size)
   config, step = checkpoint.run_config(workdir, step)
+  if sample.latent_scale_of(config) is not None:
+    raise ValueError(f"--workdir={workdir!r} trained on VAE latents: its samples need the VAE"
+                     " decoder, which sgjax does not ship yet, before any metric. Sample with"
+                     " python -m sgjax.sample (it writes latents.npz) and decode them.")
   model_cfg = config_lib.model_config(config["model"])
   spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
@@ -286,7 +291,7 @@ def define_flags() -> None:
   flags.DEFINE_string("inception_weights", None, "Inception weights for --metric=adm.")
   flags.DEFINE_integer("steps", 40, "Euler steps.")
   flags.DEFINE_integer("num_samples", 500, "Samples per setting and seed.")
-  flags.DEFINE_integer("batch_size", 250, "Samples per batch.")
+  flags.DEFINE_integer("batch_size", 256, "Samples per batch (divisible by the device count).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("aux_workdir", None, "ag rules: run of the auxiliary model.")
   flags.DEFINE_integer("aux_step", None, "ag rules: checkpoint step of the auxiliary model.")

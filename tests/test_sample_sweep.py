@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 
-from configs import digits
+from configs import digits, imagenet256
 from sgjax import guidance as guidance_lib, report, sample, sweep, train
+from sgjax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +64,10 @@ def test_sample_rejects_bad_input(run, tmp_path):
     sample.run(str(run / "model"), guidance_lib.GuidanceConfig(rule="ag"), str(tmp_path / "o"))
   with pytest.raises(ValueError, match="batch_size=12"):
     sample.run(str(run / "model"), sg(), str(tmp_path / "o"), batch_size=12)
+  for workdir, out in (("gs://bucket/run", "o"), (str(run / "model"), "gs://bucket/o")):
+    with pytest.raises(ValueError, match="URLs are not supported"):
+      sample.run(workdir, sg(), out)
+  assert not os.path.exists("gs:")  # nothing was written to a local look-alike
   out = subprocess.run([sys.executable, "-m", "sgjax.sample", f"--workdir={run / 'model'}",
                         "--guidance=sparse"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "XLA_FLAGS": ""}, timeout=120)
@@ -124,7 +130,37 @@ def test_sweep_checks_every_input_before_sampling(run, tmp_path):
       sweep.run_sweep(model, settings, out, batch_size=16, **kwargs)
   with pytest.raises(FileNotFoundError, match="--step=7"):
     sweep.run_sweep(model, sweep.parse_grid("rule=none"), out, batch_size=16, step=7)
+  with pytest.raises(ValueError, match="--out='gs://b/sweep'.*URLs are not supported"):
+    sweep.run_sweep(model, sweep.parse_grid("rule=none"), "gs://b/sweep", batch_size=16)
   assert not os.path.exists(out)
+
+
+def test_run_on_vae_latents_samples_unscaled_latents_and_sweeps_refuse_it(tmp_path):
+  shard = str(tmp_path / "train-00000.array_record")
+  writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
+  rng = np.random.default_rng(0)
+  for i in range(16):
+    writer.write(sources.encode_latent_record(
+        rng.standard_normal((8, 8, 4)).astype(np.float16), i % 10))
+  writer.close()
+  config = imagenet256.get_config("runlocal")
+  config.data.update(source="latents", path=shard)
+  config.train.update(steps=2, ckpt_every=2)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "sg")
+  train.train(config, workdir)
+  summary = sample.run(workdir, sg(), out, steps=2, num_samples=10, batch_size=8, seed=1)
+  assert sorted(os.listdir(out)) == ["latents.npz", "sampling.json"]
+  assert summary["output"] == "latents"
+  latents, labels = np.load(os.path.join(out, "latents.npz")).values()
+  assert latents.shape == (10, 8, 8, 4) and latents.dtype == np.float32
+  np.testing.assert_array_equal(labels, np.arange(10))  # balanced: classes 0, 1, 2, ...
+  # The barely trained model returns near its initial N(0, 1) noise, in the model's units
+  # (latents x 0.18215); the file holds the VAE's units.
+  assert 4.0 < latents.std() < 7.0
+  with pytest.raises(ValueError, match="trained on VAE latents"):
+    sweep.run_sweep(workdir, sweep.parse_grid("rule=none"), str(tmp_path / "sweep"),
+                    batch_size=8)
+  assert not os.path.exists(tmp_path / "sweep")
 
 
 def test_sweep_labels_name_unset_schedule_ends_by_their_start_rate():

@@ -129,6 +129,13 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
     train.train(config, str(tmp_path / "w"))
 
 
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # where a plain file API would make gs:/bucket/run
+  with pytest.raises(ValueError, match="--workdir='gs://bucket/run': URLs are not supported"):
+    train.train(runlocal(steps=1), "gs://bucket/run")
+  assert os.listdir(tmp_path) == []
+
+
 def test_data_that_does_not_fit_the_model_fails_before_training(tmp_path):
   config = runlocal()
   config.model.input_size = 16  # the digits are 8 x 8
