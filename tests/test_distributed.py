@@ -208,7 +208,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_with_its_checkpo
   workdir = str(tmp_path / "w")
   run = Launch(tmp_path / "logs", "sgjax.train", *_train_flags(workdir, 1000, ckpt_every=1000))
   try:
-    deadline = time.time() + 150
+    deadline = time.time() + 300
     while not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
                and len(losses(workdir)) >= 3):
       assert run.proc.poll() is None, run.wait(10)[1]
@@ -235,7 +235,7 @@ def killed_and_restarted(tmp_path_factory):
   workdir = str(tmp / "two")
   run = Launch(tmp / "logs_a", "sgjax.train", *_train_flags(workdir, 1000))
   try:
-    deadline = time.time() + 150
+    deadline = time.time() + 300
     while not any(s >= 4 for s in _complete_steps(workdir)):
       assert run.proc.poll() is None, run.wait(10)[1]
       assert time.time() < deadline, "no checkpoint at step 4 in time\n" + _logs(
