@@ -5,7 +5,7 @@
     --config=configs/digits.py:runlocal                        (a few seconds, for tests)
 
 8x8 grey digits, patch 1 (64 tokens), a width-64 SiT with 6 blocks routed 1->4 at gamma 0.5
-(TREAD's proportions): on 2 CPU cores the default 750 steps take under 5 minutes and give
+(TREAD's proportions): on 2 CPU cores the default 750 steps take 5 to 6 minutes and give
 recognisable digits of the requested class (about 90% by the digits classifier, unguided:
 the README's demo table).
 """

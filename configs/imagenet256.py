@@ -2,7 +2,7 @@
 
     --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing
     --config=configs/imagenet256.py:model=DiT-B/2,sparsity=masking
-    --config=configs/imagenet256.py:model=SiT-2.5B/2,latent_size=64   (512x512, 2.57B)
+    --config=configs/imagenet256.py:model=SiT-2.5B/2,latent_size=64   (512x512, 2.58B)
     --config=configs/imagenet256.py:runlocal      (a tiny model on synthetic latents, seconds)
 
 Arguments: model (DiT-/SiT- S|B|L|XL|2.5B /2|4|8), sparsity (dense|routing|masking),

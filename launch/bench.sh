@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks in one line: `bash launch/bench.sh [extra sgjax.bench flags]`.
 # On CPU a DiT-S/2 on 64 tokens routed 1->10 of its 12 blocks (the share of blocks the
-# paper's SiT-XL/2 route covers, 2->24 of 28), in minutes; on a GPU pass e.g.
-# --model=SiT-XL/2 --dtype=bfloat16 --batch=64 --route=2,24. Results: results/bench-<date>.*
+# paper's SiT-XL/2 route covers, 2->24 of 28), in minutes. On a GPU use
+# launch/bench_gpu.sh (SiT-XL/2, bf16, 256 tokens, 40 sampling steps). Results:
+# results/bench-<date>.*
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
