@@ -9,6 +9,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
 exec .venv/bin/python -m sgjax.bench --suite=all --model=DiT-S/2 --input_size=16 --route=1,10 \
-  --batch=32 --sample_batch=32 --sample_steps=3 --repeats=5 --steps_per_repeat=1 \
+  --batch=32 --sample_batch=32 --sample_steps=3 --repeats=4 --steps_per_repeat=1 \
   --settings=unguided,cfg,sg_flops,sg_0.5_0.8,sg_fid --forward_gammas=0.5,0.9 \
   --matmul_size=1024 "$@"
