@@ -192,6 +192,7 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
         ema=True, aux_workdir=None, aux_step=None, steps=40, solver="euler", nested=False,
         num_samples=64, batch_size=64, labels="balanced", seed=0) -> dict:
   """The `python -m sgjax.sample` command as a function."""
+  checkpoint.local_path(workdir, "workdir")  # first: the default --out lies inside it
   checkpoint.local_path(out, "out")
   mesh = sampling_mesh(batch_size)
   model, aux_model, config, steps_info = load_models(

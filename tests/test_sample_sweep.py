@@ -64,8 +64,9 @@ def test_sample_rejects_bad_input(run, tmp_path):
     sample.run(str(run / "model"), guidance_lib.GuidanceConfig(rule="ag"), str(tmp_path / "o"))
   with pytest.raises(ValueError, match="batch_size=12"):
     sample.run(str(run / "model"), sg(), str(tmp_path / "o"), batch_size=12)
-  for workdir, out in (("gs://bucket/run", "o"), (str(run / "model"), "gs://bucket/o")):
-    with pytest.raises(ValueError, match="URLs are not supported"):
+  for workdir, out, flag in (("gs://bucket/run", "gs://bucket/run/samples", "workdir"),
+                             (str(run / "model"), "gs://bucket/o", "out")):
+    with pytest.raises(ValueError, match=f"--{flag}='gs://bucket/.*URLs are not supported"):
       sample.run(workdir, sg(), out)
   assert not os.path.exists("gs:")  # nothing was written to a local look-alike
   out = subprocess.run([sys.executable, "-m", "sgjax.sample", f"--workdir={run / 'model'}",
