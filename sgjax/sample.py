@@ -157,10 +157,10 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
     first_s = time.perf_counter() - start
   start = time.perf_counter()
   # Multi-host: every process gathers the whole batch; process 0 alone writes the files.
-  images = [distributed.to_host(sampler(labels_i, batch_key(i)))
-            for i, labels_i in enumerate(batches)]
+  outputs = [distributed.to_host(sampler(labels_i, batch_key(i)))
+             for i, labels_i in enumerate(batches)]
   wall_s = time.perf_counter() - start
-  samples = np.concatenate(images)[:num_samples]
+  samples = np.concatenate(outputs)[:num_samples]
 
   if distributed.is_primary():
     os.makedirs(out, exist_ok=True)

@@ -164,10 +164,10 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                              tokens_per_image=model_cfg.num_tokens,
                              enabled=jax.process_index() == 0)
   # EMA sample grids while training; latents would need the VAE to become pictures.
-  previews = config.train.sample_every > 0 and config.data.source != "latents"
+  previews = config.train.sample_every > 0 and sample.latent_scale_of(config) is None
   preemption = Preemption(batch_sharding, config.train.batch_size // jax.process_count())
   pending, last = [], {}
-  last_saved = start
+  last_saved, preempted = start, False
   try:
     # Traced under the mesh, the models keep their activation shardings (sharding.constrain).
     with jax.set_mesh(mesh):
@@ -202,7 +202,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     logger.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
-  if last_saved < config.train.steps:
+  if preempted:
     raise Preempted(last_saved)
   return last
 
