@@ -26,7 +26,7 @@ def get_config(arg=None):
       num_heads=4, mlp_ratio=4.0, num_classes=10, sparsity=sparsity,
       routes=((1, 4, 0.5),) if sparsity == "routing" else (),
       mask_gamma=0.5, decoder_depth=2, decoder_width=64, decoder_heads=4,
-      dtype="float32", remat="none", attention="xla"))
+      dtype="float32", time_scale=1000.0, remat="none", attention="xla"))
 
   config.flow = ml_collections.ConfigDict(dict(
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))

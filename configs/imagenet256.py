@@ -14,10 +14,12 @@ import ml_collections
 from sgjax import config as config_lib
 from sgjax.models import dit
 
-# Route r2->24 for XL (28 blocks), r2->8 for B (12 blocks): TREAD's defaults, 0-based and
-# inclusive. Other depths keep the same proportions.
-ROUTES = {28: ((2, 24, 0.5),), 24: ((2, 20, 0.5),), 12: ((2, 8, 0.5),),
-          34: ((2, 30, 0.5),)}  # 34: the text-to-image TR-DiT's route
+
+def tread_routes(depth: int) -> tuple[tuple[int, int, float], ...]:
+  """TREAD's route, 0-based and inclusive, from block 2 to the fourth-last: r2->24 for XL
+  (28 blocks), r2->20 for L, r2->8 for B (12), r2->30 for the text-to-image TR-DiT (34)."""
+  return ((2, depth - 4, 0.5),)
+
 
 
 def get_config(arg=None):
@@ -30,11 +32,14 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       name=arg["model"], input_size=arg["latent_size"], in_channels=4, num_classes=1000,
       mlp_ratio=4.0, sparsity=arg["sparsity"],
-      routes=ROUTES[size["depth"]] if arg["sparsity"] == "routing" else (),
+      routes=tread_routes(size["depth"]) if arg["sparsity"] == "routing" else (),
       mask_gamma=0.5,
       # MaskDiT decoder, paper default.
       decoder_depth=8, decoder_width=512, decoder_heads=16,
-      dtype="bfloat16", remat="none", attention="xla", **size))
+      dtype="bfloat16", remat="none", attention="xla",
+      # SiT (and TREAD) feed t in [0, 1] to the frequency embedding, DiT its timesteps 0..999:
+      # the time conventions of the checkpoints that `sgjax.import_torch` brings in.
+      time_scale=1.0 if arg["model"].startswith("SiT") else 1000.0, **size))
 
   config.flow = ml_collections.ConfigDict(dict(
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))

@@ -6,7 +6,26 @@ per image:
 - true: 2 FLOPs per multiply-add of every matmul, attention scores and values included
   (elementwise work, normalisation and softmax are not counted);
 - paper: multiply-adds of the linear layers only, no attention matmuls, as in Table 2 of the
-  Sparse Guidance paper (SiT-XL/2 dense: 114.39 GMACs).
+  Sparse Guidance paper.
+
+SiT-XL/2 with the route 2->24, per image per Euler step, against Table 2:
+
+  setting                              ours (paper convention)   Table 2
+  unguided                             114.39                    114.42
+  CFG / AG / ICG                       228.78                    228.84
+  SG_FLOPS (0.5 / 0.9)                  97.65                     97.67
+  SG_FID, cosine rounded to 8 levels   172.97                    173.16
+  SG_FID, exact cosine (num_levels=0)  172.85
+
+The gaps are not SiT's learn-sigma head (its 4 extra output channels add 0.005). Table 2's
+numbers fit a count with about 4,200 more multiply-adds per token per block (3.6 per
+channel, as if the adaLN modulate and gate products were counted): 0.030 dense, 0.026 at
+SG_FLOPS's token counts, which closes both gaps to 0.01. SG_FID has a second one: in the
+paper convention a step costs 2 * f(0) - 0.366 G per token the two branches drop, and with
+gammas summing to 0.6 they drop int(256 g) + int(256 (0.6 - g)) = 152 or 153 tokens. The exact
+cosine drops 153 at 28 of 40 steps and 152 at 12; Table 2's 173.16 is what 152 at every step
+gives (173.10, +0.05 for the per-token term), so their schedule's rounding differs from ours
+(another step grid, or K rounded otherwise), which we cannot tell from the paper.
 
     python -m sgjax.flops --config=configs/imagenet256.py:model=SiT-XL/2,sparsity=routing \
         --gamma=0.5                                      # one forward pass
@@ -81,7 +100,8 @@ def forward_flops(cfg: dit.DiTConfig, gamma: float | None = None) -> Flops:
   out_width = w
   if cfg.sparsity == "masking":
     out_width = cfg.decoder_width
-    total += _linear(tokens[-1], w, out_width)
+    # MaskDiT's decoder input: adaLN shift/scale, then the linear layer.
+    total += _linear(1, w, 2 * w) + _linear(tokens[-1], w, out_width)
     for _ in range(cfg.decoder_depth):
       total += _block(n, out_width, cfg.mlp_ratio, w)
   return total + _linear(1, w, 2 * out_width) + _linear(n, out_width, cfg.patch_dim)
@@ -136,7 +156,7 @@ def shared_branch_flops(cfg: dit.DiTConfig, gamma_strong: float, gamma_weak: flo
     shared += cfg.depth * _linear(1, w, 6 * w)
     if cfg.sparsity == "masking":
       out_width = cfg.decoder_width
-      shared += cfg.decoder_depth * _linear(1, w, 6 * out_width)
+      shared += _linear(1, w, 2 * w) + cfg.decoder_depth * _linear(1, w, 6 * out_width)
     shared += _linear(1, w, 2 * out_width)
     if cfg.sparsity == "routing":
       shared += min(route.start for route in cfg.routes) * _token_work(n, w, cfg.mlp_ratio)

@@ -5,6 +5,12 @@ trains every model. Layout follows DiT (Peebles & Xie, 2023): patch embedding, f
 positions, timestep-frequency and class embeddings (one extra "null" class for guidance
 dropout), adaLN-Zero blocks, and a zero-initialised final layer.
 
+Mixed precision as the PyTorch references run under autocast: parameters, the residual stream,
+the conditioning vector `c`, the adaLN modulations, the norms and the final layer are float32;
+only the token matmuls (patch embedding, q/k/v/out projections, MLP, MaskDiT's decoder input)
+and attention run in `dtype`. With routing, the block right after each route runs wholly in
+float32, as TREAD's does (`fp32_next`): the first to see merged kept and skipped tokens.
+
 Every parameter carries logical sharding axes (see `sgjax/sharding.py` for the rules that map
 them to mesh axes): `embed` (model width), `mlp` (MLP hidden), `heads` (attention q/k/v
 features), `adaln` (modulation outputs), `classes`, `patch` (pixels of one patch), `freq`.
@@ -52,9 +58,6 @@ REMAT_POLICIES = {
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
          "2.5B": (34, 2048, 16)}
 TIME_FREQUENCIES = 256
-# The network sees t * TIME_SCALE (t in [0, 1]), so the frequency embedding resolves time as
-# finely as DiT's integer timesteps 0..999 do.
-TIME_SCALE = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +78,10 @@ class DiTConfig:
   decoder_depth: int = 8  # masking: MaskDiT decoder
   decoder_width: int = 512
   decoder_heads: int = 16
-  dtype: str = "float32"  # compute dtype; parameters are always float32
+  dtype: str = "float32"  # compute dtype of the token matmuls; see the module docstring
+  # The frequency embedding sees t * time_scale (t in [0, 1], t = 0 noise). 1000 resolves time
+  # as finely as DiT's integer timesteps; SiT and TREAD feed t unscaled (1.0).
+  time_scale: float = 1000.0
   remat: str = "none"  # a key of REMAT_POLICIES; saves activation memory, costs recompute
   attention: str = "xla"  # one of ATTENTION_KERNELS; same parameters and math either way
 
@@ -104,6 +110,8 @@ class DiTConfig:
     if self.width % self.num_heads:
       raise ValueError(f"{prefix}.num_heads={self.num_heads} does not divide"
                        f" {prefix}.width={self.width}.")
+    if not self.time_scale > 0:
+      raise ValueError(f"{prefix}.time_scale={self.time_scale!r} must be positive.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"{prefix}.remat={self.remat!r}: choose one of {list(REMAT_POLICIES)}.")
     self._validate_attention(prefix)
@@ -148,7 +156,8 @@ class DiTConfig:
 
 def parse_model_name(name: str) -> dict[str, int]:
   """'SiT-XL/2' or 'DiT-B/4' -> {'depth', 'width', 'num_heads', 'patch_size'}."""
-  match = re.fullmatch(r"(?:DiT|SiT)-(S|B|L|XL|2\.5B)/(\d+)", name)
+  sizes = "|".join(re.escape(size) for size in SIZES)
+  match = re.fullmatch(rf"(?:DiT|SiT)-({sizes})/(\d+)", name)
   if not match:
     raise ValueError(f"model name {name!r}: expected DiT-<size>/<patch> or SiT-<size>/<patch>"
                      f" with size in {sorted(SIZES)}, e.g. 'SiT-XL/2'.")
@@ -197,11 +206,15 @@ def sincos_pos_embed(width: int, grid_size: int) -> np.ndarray:
   return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1).astype(np.float32)
 
 
-def timestep_embedding(t: jax.Array, dim: int = TIME_FREQUENCIES) -> jax.Array:
-  """t: [B] in [0, 1] -> [B, dim] cos/sin features of t * TIME_SCALE."""
+def time_frequencies(dim: int = TIME_FREQUENCIES) -> jax.Array:
+  """The [dim // 2] float32 frequencies of `timestep_embedding` (DiT's, max period 10^4)."""
   half = dim // 2
-  freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (t.astype(jnp.float32) * TIME_SCALE)[:, None] * freqs[None]
+  return jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+
+
+def timestep_embedding(t: jax.Array, scale: float, dim: int = TIME_FREQUENCIES) -> jax.Array:
+  """t: [B] in [0, 1] -> [B, dim]: cos, then sin, of (t * scale) * frequency."""
+  args = (t.astype(jnp.float32) * scale)[:, None] * time_frequencies(dim)[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -263,7 +276,11 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """adaLN-Zero transformer block; `cond_width` is the width of the conditioning vector."""
+  """adaLN-Zero transformer block; `cond_width` is the width of the conditioning vector.
+
+  The residual stream x and the modulations stay float32; attention and the MLP compute in
+  `dtype` and their outputs are added back in float32.
+  """
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int, dtype,
                rngs: nnx.Rngs, attention: str = "xla"):
@@ -271,7 +288,8 @@ class Block(nnx.Module):
     self.attn = Attention(width, num_heads, dtype, rngs, attention)
     self.norm2 = _layer_norm(width, rngs)
     self.mlp = Mlp(width, int(width * mlp_ratio), dtype, rngs)
-    self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
+    self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, jnp.float32,
+                         init=zeros)
 
   def __call__(self, x: jax.Array, c: jax.Array, groups: Groups = None) -> jax.Array:
     """x: [B, N, D], c: [B, Dc]. `groups` (token counts summing to N): x packs independent
@@ -324,23 +342,29 @@ def run_packed(fn, streams: Sequence[jax.Array]) -> list[jax.Array]:
   return [by_id[id(h)] for h in streams]
 
 
-class FinalLayer(nnx.Module):
+class AdaLNLinear(nnx.Module):
+  """LayerNorm without affine, shift/scale from the conditioning, then a linear layer; the
+  modulation and the linear layer start at zero. DiT's final layer, and MaskDiT's decoder
+  input (`DecoderLayer`). The modulation is float32; the linear layer computes in `dtype`."""
 
-  def __init__(self, width: int, cond_width: int, patch_dim: int, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, cond_width: int, out_width: int, out_axis: str | None,
+               dtype, *, rngs: nnx.Rngs):
     self.norm = _layer_norm(width, rngs)
-    self.adaln = _linear(cond_width, 2 * width, ("embed", "adaln"), rngs, dtype, init=zeros)
-    self.linear = _linear(width, patch_dim, ("embed", "patch"), rngs, dtype, init=zeros)
+    self.adaln = _linear(cond_width, 2 * width, ("embed", "adaln"), rngs, jnp.float32,
+                         init=zeros)
+    self.linear = _linear(width, out_width, ("embed", out_axis), rngs, dtype, init=zeros)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """x: [B, N, width], c: [B, cond_width] -> [B, N, out_width] float32."""
     shift, scale = jnp.split(self.adaln(jax.nn.silu(c)), 2, -1)
-    return self.linear(_modulate(self.norm(x), shift, scale))
+    return self.linear(_modulate(self.norm(x), shift, scale)).astype(jnp.float32)
 
 
 class MaskDecoder(nnx.Module):
   """MaskDiT decoder: full sequence, learned mask token at dropped positions."""
 
   def __init__(self, cfg: DiTConfig, dtype, rngs: nnx.Rngs):
-    self.embed = _linear(cfg.width, cfg.decoder_width, ("embed", None), rngs, dtype)
+    self.embed = AdaLNLinear(cfg.width, cfg.width, cfg.decoder_width, None, dtype, rngs=rngs)
     self.mask_token = nnx.Param(
         nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.decoder_width)),
         **_axes(None, None, "embed"))
@@ -355,15 +379,15 @@ class MaskDecoder(nnx.Module):
                subsets: Sequence[TokenSubset | None]) -> list[jax.Array]:
     """Each branch's encoder output [B, K, D] and subset -> its full sequence [B, N, Dd]
     (see `run_packed`)."""
-    streams = run_packed(lambda h, _: self.embed(h), streams)
+    streams = run_packed(lambda h, _: self.embed(h, c), streams)
     full = []
     for h, subset in zip(streams, subsets):
       if subset is not None:
         b, dropped = h.shape[0], subset.num_tokens - subset.num_kept
-        mask = jnp.broadcast_to(self.mask_token[...].astype(h.dtype), (b, dropped, h.shape[-1]))
+        mask = jnp.broadcast_to(self.mask_token[...], (b, dropped, h.shape[-1]))
         h = sparsity.merge(h, mask, subset)
       full.append(h)
-    pos = sincos_pos_embed(full[0].shape[-1], self.grid_size).astype(full[0].dtype)
+    pos = sincos_pos_embed(full[0].shape[-1], self.grid_size)
     streams = run_packed(lambda h, groups: h + jnp.concatenate([pos] * len(groups)), full)
     for block in self.blocks:
       streams = run_packed(block_fn(block, c, self.remat), streams)
@@ -379,20 +403,25 @@ class DiT(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     w = cfg.width
     self.patch_embed = _linear(cfg.patch_dim, w, ("patch", "embed"), rngs, dtype)
-    normal = nnx.initializers.normal(0.02)
-    self.t_mlp1 = _linear(TIME_FREQUENCIES, w, ("freq", "embed"), rngs, dtype, init=normal)
-    self.t_mlp2 = _linear(w, w, ("mlp", "embed"), rngs, dtype, init=normal)
-    self.y_embed = nnx.Embed(cfg.num_classes + 1, w, dtype=dtype, embedding_init=normal,
+    # The conditioning path (time MLP, class table) is float32, like the residual stream.
+    normal, f32 = nnx.initializers.normal(0.02), jnp.float32
+    self.t_mlp1 = _linear(TIME_FREQUENCIES, w, ("freq", "embed"), rngs, f32, init=normal)
+    self.t_mlp2 = _linear(w, w, ("mlp", "embed"), rngs, f32, init=normal)
+    self.y_embed = nnx.Embed(cfg.num_classes + 1, w, dtype=f32, embedding_init=normal,
                              embedding_metadata=_axes("classes", "embed"), rngs=rngs)
-    self.blocks = nnx.List([Block(w, cfg.num_heads, cfg.mlp_ratio, w, dtype, rngs,
-                                  cfg.attention)
-                            for _ in range(cfg.depth)])
+    after_route = {route.end + 1 for route in cfg.routes}
+    # TREAD's fp32_next: the block after a route runs in float32 (XLA attention, since
+    # cuDNN's flash kernel takes only 16-bit inputs).
+    self.blocks = nnx.List([
+        Block(w, cfg.num_heads, cfg.mlp_ratio, w, f32, rngs, "xla") if i in after_route
+        else Block(w, cfg.num_heads, cfg.mlp_ratio, w, dtype, rngs, cfg.attention)
+        for i in range(cfg.depth)])
     if cfg.sparsity == "masking":
       self.decoder = MaskDecoder(cfg, dtype, rngs)
-      self.final = FinalLayer(cfg.decoder_width, w, cfg.patch_dim, dtype, rngs)
+      self.final = AdaLNLinear(cfg.decoder_width, w, cfg.patch_dim, "patch", f32, rngs=rngs)
     else:
       self.decoder = None
-      self.final = FinalLayer(w, w, cfg.patch_dim, dtype, rngs)
+      self.final = AdaLNLinear(w, w, cfg.patch_dim, "patch", f32, rngs=rngs)
 
   def draw_subsets(self, key: jax.Array, batch_size: int,
                    gamma: float | None = None) -> tuple[TokenSubset | None, ...]:
@@ -420,10 +449,9 @@ class DiT(nnx.Module):
     once per branch.
     """
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
-    h = self.patch_embed(patchify(x.astype(dtype), cfg.patch_size))
-    h = h + sincos_pos_embed(cfg.width, cfg.grid_size).astype(dtype)
-    c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t).astype(dtype))))
+    h = self.patch_embed(patchify(x, cfg.patch_size)).astype(jnp.float32)
+    h = h + sincos_pos_embed(cfg.width, cfg.grid_size)
+    c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t, cfg.time_scale))))
     c = sharding.constrain(c + self.y_embed(y), sharding.BATCH_AXES, None)
     streams = [h] * len(branch_subsets)
     if cfg.sparsity == "masking":
@@ -435,7 +463,7 @@ class DiT(nnx.Module):
       streams = self.decoder(streams, c, subsets)
     else:
       streams = self._routed_blocks(streams, c, branch_subsets)
-    outs = run_packed(lambda h, _: self.final(h, c).astype(jnp.float32), streams)
+    outs = run_packed(lambda h, _: self.final(h, c), streams)
     return tuple(unpatchify(out, cfg.patch_size, cfg.in_channels) for out in outs)
 
   def _routed_blocks(self, streams, c, branch_subsets):
