@@ -13,7 +13,7 @@ and differs only in what the weak branch is:
   cfg+sg   v(c; gamma_strong)   v(null; gamma_weak)       same constraint as sg
   ag       v_main(c; gs)        v_aux(c; gw)              aux: a worse model (early checkpoint)
   ag+sg    v_main(c; gs)        v_aux(c; gw)              aux with its own sparsity
-  icg      v(c; gamma_strong)   v(c_rand; gamma_weak)     c_rand != c, drawn independently
+  icg      v(c; gamma_strong)   v(c_rand; gamma_weak)     c_rand uniform over all classes
 
 With the default gammas (0, 0) `cfg`, `ag` and `icg` are the dense rules of the paper's
 Table 2. Gammas may follow a cosine schedule over the sampling steps, and guidance may be
@@ -22,6 +22,17 @@ ImageNet setting (SG_FID: AG+SG, aux gamma 0.6 -> 0.0, main gamma 0.0 -> 0.6) re
 
     GuidanceConfig(rule="ag+sg", omega=..., schedule="cosine", gamma_strong=0.0,
                    gamma_strong_end=0.6, gamma_weak=0.6, gamma_weak_end=0.0)
+
+ICG follows Sadat et al.: the weak branch's class is drawn uniformly from all classes,
+independently of the sample's own (so it may equal it), and drawn afresh at every model
+evaluation (every step, and each stage of a Heun step), from that evaluation's key.
+
+Time runs as in `sgjax.flow`: t = 0 is noise, t = 1 is data. Guidance intervals published in
+the other direction convert as (t_min, t_max) = (1 - t_hi, 1 - t_lo): REPA's [0, 0.7] with
+t = 1 as noise is (0.3, 1.0) here. EDM-style intervals in sigma (x = data + sigma * noise)
+convert through the interpolant x_t = (1 - t) z + t x, whose x_t / t has noise level
+sigma = (1 - t) / t, i.e. t = 1 / (1 + sigma): sigma in (0.28, 5.42] is t in [0.156, 0.781).
+(EDM2's latents have another scale than SD-VAE's, so such intervals transfer only roughly.)
 
 Per-step settings are plain Python on the static step grid: the sampler (sgjax.sampling)
 and the FLOPs accounting (sgjax.flops) both read them from `step_settings`, so the gammas
@@ -62,9 +73,11 @@ class GuidanceConfig:
   gamma_strong_end: float | None = None
   gamma_weak_end: float | None = None
   # cosine: the schedule's progress is rounded to this many levels, so each branch takes at
-  # most `num_levels` distinct rates (and the sampler compiles at most that many variants).
+  # most `num_levels` distinct rates (and the sampler compiles at most that many variants);
+  # 0 follows the cosine exactly, each step at its own rate and K (up to one variant a step).
   num_levels: int = 8
   # (t_min, t_max): guide only steps starting at t_min <= t <= t_max; None guides every step.
+  # t = 0 is noise, t = 1 data (see the module docstring to convert published intervals).
   interval: tuple[float, float] | None = None
 
   @property
@@ -82,7 +95,7 @@ class GuidanceConfig:
              f"gw{self.gamma_weak:g}"]
     if self.schedule != "constant":
       parts += [self.schedule, f"gse{self.gamma_strong_end}", f"gwe{self.gamma_weak_end}",
-                f"L{self.num_levels}"]
+                f"L{self.num_levels}" if self.num_levels else "exact"]
     if self.interval is not None:
       parts.append(f"t{self.interval[0]:g}_{self.interval[1]:g}")
     return "-".join(parts)
@@ -109,8 +122,9 @@ class GuidanceConfig:
         if getattr(self, name) is not None:
           raise ValueError(f"{prefix}.{name}={getattr(self, name)!r} is set but {prefix}."
                            "schedule='constant'; end rates apply only to schedule='cosine'.")
-    if not isinstance(self.num_levels, int) or self.num_levels < 2:
-      raise ValueError(f"{prefix}.num_levels={self.num_levels!r} must be an int >= 2.")
+    if not isinstance(self.num_levels, int) or self.num_levels < 0 or self.num_levels == 1:
+      raise ValueError(f"{prefix}.num_levels={self.num_levels!r} must be an int >= 2, or 0"
+                       " to follow the cosine exactly.")
     if self.interval is not None:
       if len(self.interval) != 2 or not 0.0 <= self.interval[0] <= self.interval[1] <= 1.0:
         raise ValueError(f"{prefix}.interval={self.interval!r}: expected (t_min, t_max) with"
@@ -146,16 +160,9 @@ def guided_velocity(v_strong: jax.Array, v_weak: jax.Array, omega) -> jax.Array:
   return omega * v_strong + (1 - omega) * v_weak
 
 
-def random_other_labels(key: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """ICG: a class drawn uniformly from the num_classes - 1 classes other than `labels`.
-
-  labels: [B] int in [0, num_classes). Drawing from one fewer class and stepping over the
-  true one hits each other class with equal probability and never the true label.
-  """
-  if num_classes < 2:
-    raise ValueError(f"num_classes={num_classes}: ICG needs at least 2 classes.")
-  draw = jax.random.randint(key, labels.shape, 0, num_classes - 1, dtype=labels.dtype)
-  return draw + (draw >= labels).astype(labels.dtype)
+def independent_labels(key: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """ICG: [B] classes drawn uniformly from all `num_classes`, independently of `labels`."""
+  return jax.random.randint(key, labels.shape, 0, num_classes, dtype=labels.dtype)
 
 
 def weak_labels(rule: str, labels: jax.Array, key: jax.Array, num_classes: int) -> jax.Array:
@@ -163,7 +170,7 @@ def weak_labels(rule: str, labels: jax.Array, key: jax.Array, num_classes: int) 
   if rule in NULL_LABEL_RULES:
     return jnp.full_like(labels, num_classes)
   if rule == "icg":
-    return random_other_labels(key, labels, num_classes)
+    return independent_labels(key, labels, num_classes)
   return labels
 
 
@@ -175,9 +182,12 @@ def cosine_weight(step: int, steps: int) -> float:
 
 
 def schedule_weight(guidance: GuidanceConfig, step: int, steps: int) -> float:
-  """The weight of the start rates at `step`, rounded to `num_levels` levels in [0, 1]."""
+  """The weight of the start rates at `step`, rounded to `num_levels` levels in [0, 1]
+  (num_levels 0: the exact cosine)."""
   if guidance.schedule == "constant":
     return 1.0
+  if guidance.num_levels == 0:
+    return cosine_weight(step, steps)
   levels = guidance.num_levels - 1
   return round(cosine_weight(step, steps) * levels) / levels
 

@@ -37,8 +37,11 @@ def define_guidance_flags(default_rule: str | None = "sg") -> None:
   flags.DEFINE_enum("schedule", "constant", list(guidance_lib.SCHEDULES), "Gamma schedule.")
   flags.DEFINE_float("gamma_strong_end", None, "cosine: strong-branch rate at the last step.")
   flags.DEFINE_float("gamma_weak_end", None, "cosine: weak-branch rate at the last step.")
-  flags.DEFINE_integer("num_levels", 8, "cosine: number of quantised schedule levels.")
-  flags.DEFINE_list("interval", None, "t_min,t_max: guide only inside this interval of t.")
+  flags.DEFINE_integer("num_levels", 8, "cosine: number of quantised schedule levels; 0"
+                       " follows the cosine exactly (each step its own K; more compilation).")
+  flags.DEFINE_list("interval", None, "t_min,t_max: guide only steps starting inside this"
+                    " interval of t (t = 0 noise, t = 1 data; an interval published with"
+                    " t = 1 as noise, like REPA's, becomes 1 - t_max,1 - t_min).")
 
 
 def guidance_from_flags() -> guidance_lib.GuidanceConfig:

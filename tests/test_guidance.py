@@ -1,6 +1,7 @@
 import dataclasses
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,18 +21,17 @@ def test_omega_one_is_the_strong_branch_and_the_rule_is_linear():
   np.testing.assert_allclose(guidance.guided_velocity(a, a, 3.0), a, atol=1e-6)
 
 
-def test_icg_weak_label_is_never_the_true_label_and_covers_the_others():
+def test_icg_weak_label_is_uniform_over_all_classes_independent_of_the_true_one():
   num_classes = 5
   labels = jnp.tile(jnp.arange(num_classes), 2000)
-  other = guidance.random_other_labels(jax.random.key(0), labels, num_classes)
-  assert other.dtype == labels.dtype
-  assert not np.any(np.asarray(other == labels))
-  assert np.asarray(other).min() >= 0 and np.asarray(other).max() < num_classes
-  # Uniform over the 4 other classes: each (label, other) pair about 2000 / 4 times.
+  drawn = guidance.independent_labels(jax.random.key(0), labels, num_classes)
+  chex.assert_equal_shape((drawn, labels))
+  chex.assert_type(drawn, labels.dtype)
+  # Sadat et al.: c_rand ~ p(c), so each (label, drawn) pair, the diagonal included, about
+  # 2000 / 5 = 400 times (binomial sd 18).
   counts = np.zeros((num_classes, num_classes))
-  np.add.at(counts, (np.asarray(labels), np.asarray(other)), 1)
-  off_diagonal = counts[~np.eye(num_classes, dtype=bool)]
-  assert off_diagonal.min() > 400 and off_diagonal.max() < 600, counts
+  np.add.at(counts, (np.asarray(labels), np.asarray(drawn)), 1)
+  assert counts.min() > 330 and counts.max() < 470, counts
 
 
 def test_weak_labels_per_rule():
@@ -41,7 +41,8 @@ def test_weak_labels_per_rule():
     np.testing.assert_array_equal(guidance.weak_labels(rule, labels, key, 10), [10, 10, 10])
   for rule in ("sg", "ag", "ag+sg"):
     np.testing.assert_array_equal(guidance.weak_labels(rule, labels, key, 10), labels)
-  assert not np.any(np.asarray(guidance.weak_labels("icg", labels, key, 10) == labels))
+  np.testing.assert_array_equal(guidance.weak_labels("icg", labels, key, 10),
+                                guidance.independent_labels(key, labels, 10))
 
 
 def test_constant_schedule_and_guidance_interval():
@@ -70,6 +71,19 @@ def test_cosine_schedule_of_the_papers_best_setting():
   fine = dataclasses.replace(SG_FID, num_levels=1001)
   mid = guidance.step_settings(fine, 41)[20]
   assert abs(mid.gamma_strong - 0.3) < 1e-3 and abs(mid.gamma_weak - 0.3) < 1e-3
+
+
+def test_exact_cosine_schedule_follows_the_formula_at_every_step():
+  exact = dataclasses.replace(SG_FID, num_levels=0).validate()
+  assert exact.slug.endswith("-exact")
+  steps = 40
+  settings = guidance.step_settings(exact, steps)
+  weight = 0.5 * (1 + np.cos(np.pi * np.arange(steps) / (steps - 1)))
+  np.testing.assert_allclose([s.gamma_strong for s in settings], 0.6 * (1 - weight), atol=1e-12)
+  np.testing.assert_allclose([s.gamma_weak for s in settings], 0.6 * weight, atol=1e-12)
+  # The rounded default misses the cosine by up to half a level (0.6 / 7 / 2).
+  rounded = [s.gamma_weak for s in guidance.step_settings(SG_FID, steps)]
+  assert 0.03 < np.max(np.abs(np.subtract(rounded, 0.6 * weight))) <= 0.6 / 14 + 1e-12
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -180,6 +180,21 @@ def test_cosine_schedule_compiles_bounded_variants_and_reports_mean_step_flops(m
   assert sampler._sample._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_exact_cosine_schedule_runs_every_step_at_its_own_token_counts(model):
+  g = GuidanceConfig("sg", omega=1.5, schedule="cosine", gamma_strong=0.0,
+                     gamma_strong_end=0.5, gamma_weak=0.5, gamma_weak_end=0.9, num_levels=0)
+  steps = 12
+  plan = sampling.make_plan(model.cfg, g, steps=steps)
+  n = model.cfg.num_tokens
+  weight = 0.5 * (1 + np.cos(np.pi * np.arange(steps) / (steps - 1)))
+  want = [(n - int(n * 0.5 * (1 - w)), n - int(n * (0.5 * w + 0.9 * (1 - w)))) for w in weight]
+  got = [s.shape for s in plan.segments for _ in range(s.start, s.stop)]
+  assert got == want
+  # Consecutive steps share a segment only when both counts agree.
+  shapes = [s.shape for s in plan.segments]
+  assert all(a != b for a, b in zip(shapes, shapes[1:])) and len(shapes) > 8
+
+
 def test_heun_doubles_evaluations_and_runs(model):
   g = GuidanceConfig("cfg", omega=1.5, gamma_strong=0.5, gamma_weak=0.5)
   images, plan = sampling.sample(model, g, jnp.arange(2), 0, steps=2, solver="heun")
