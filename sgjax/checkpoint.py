@@ -9,6 +9,7 @@ checkpoint is always whole; a run killed mid-save resumes from the previous one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -35,6 +36,15 @@ def local_path(path: str, flag: str) -> str:
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(local_path(workdir, "workdir"), "checkpoints")
+
+
+def write_config_json(workdir: str, config_dict: dict) -> None:
+  """WORKDIR/config.json, the resolved config of the run, replaced atomically."""
+  path = os.path.join(workdir, "config.json")
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(config_dict, f, indent=2, default=list)
+  os.replace(path + ".tmp", path)
 
 
 class Checkpointer:

@@ -78,10 +78,13 @@ def _jsonable(value):
   return value
 
 
-def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                   step: int | None = None) -> list[str]:
   """Compares the config a workdir was trained with against the current one.
 
-  Returns the allowed changes as readable lines; raises ValueError for any other.
+  Returns the allowed changes as readable lines; raises ValueError for any other. A
+  checkpoint at `step` 0 (imported weights, `sgjax.import_torch`) has seen no training, so
+  only its model must stay the same: data, optimizer and schedule start afresh.
   """
   old, new = flatten(saved), flatten(current)
   changes, refused = [], []
@@ -89,7 +92,8 @@ def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     if old.get(name, "<absent>") == new.get(name, "<absent>"):
       continue
     line = f"{name}: {old.get(name, '<absent>')!r} -> {new.get(name, '<absent>')!r}"
-    (changes if name in RESUMABLE_FIELDS else refused).append(line)
+    allowed = name in RESUMABLE_FIELDS or (step == 0 and not name.startswith("model."))
+    (changes if allowed else refused).append(line)
   if refused:
     raise ValueError(
         "the workdir holds a run with a different config; refusing to mix them. Use another"

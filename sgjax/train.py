@@ -82,12 +82,12 @@ class Preemption:
       signal.signal(sig, handler)
 
 
-def prepare_workdir(config, workdir: str, saved: dict | None) -> None:
+def prepare_workdir(config, workdir: str, saved: dict | None, step: int | None = None) -> None:
   """Refuses a workdir that holds another run; writes the resolved config.json.
 
-  `saved` is the config of the latest checkpoint (the authority when there is one); without
-  a checkpoint, config.json of a run that stopped before its first save is compared, so that
-  its logs are not cut back for a different run.
+  `saved` is the config of the latest checkpoint, at `step` (the authority when there is
+  one); without a checkpoint, config.json of a run that stopped before its first save is
+  compared, so that its logs are not cut back for a different run.
   """
   path = os.path.join(workdir, "config.json")
   current = config.to_dict()
@@ -95,13 +95,10 @@ def prepare_workdir(config, workdir: str, saved: dict | None) -> None:
     with open(path) as f:
       saved = json.load(f)
   if saved is not None:
-    for change in config_lib.resume_changes(saved, current):
+    for change in config_lib.resume_changes(saved, current, step):
       logging.info("resuming with a changed setting: %s", change)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(current, f, indent=2, default=list)
-    os.replace(path + ".tmp", path)
+    checkpoint.write_config_json(workdir, current)
 
 
 def check_batch_size(batch_size: int, mesh) -> None:
@@ -129,7 +126,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts,
                                  keep_every=config.train.get("keep_every", 0))
   start = ckpt.latest_step()
-  prepare_workdir(config, workdir, None if start is None else ckpt.restore_config(start))
+  prepare_workdir(config, workdir, None if start is None else ckpt.restore_config(start), start)
   source = sources.make_source(config.data, "train", model_cfg)
   image_shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
   first = source[0]

@@ -2,8 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from array_record.python import array_record_module
 from flax import nnx
 
+from sgjax.data import sources
 from sgjax.models import dit
 from sgjax.sparsity import Route
 
@@ -34,3 +37,11 @@ def batch(cfg: dit.DiTConfig, size: int = 8, seed: int = 0):
   t = jax.random.uniform(kt, (size,))
   y = jax.random.randint(ky, (size,), 0, cfg.num_classes)
   return x, t, y
+
+
+def write_latent_shard(path: str, latents: np.ndarray, labels) -> None:
+  """One ArrayRecord shard of the `latents` source: latents [N, H, W, C], labels [N]."""
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for latent, label in zip(latents, labels):
+    writer.write(sources.encode_latent_record(latent, int(label)))
+  writer.close()

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from array_record.python import array_record_module
 
 from configs import imagenet256
 from sgjax import train
 from sgjax.data import pipeline, sources
+from tests import helpers
 
 
 def test_digits_split_is_fixed_disjoint_and_in_model_units():
@@ -77,11 +77,9 @@ def test_latent_shards_round_trip_with_scale(tmp_path):
   rng = np.random.default_rng(0)
   latents = rng.standard_normal((6, 4, 4, 4)).astype(np.float16)
   for shard in range(2):
-    writer = array_record_module.ArrayRecordWriter(
-        str(tmp_path / f"train-{shard:05d}.array_record"), "group_size:1")
-    for i in range(3 * shard, 3 * shard + 3):
-      writer.write(sources.encode_latent_record(latents[i], i % 5))
-    writer.close()
+    rows = range(3 * shard, 3 * shard + 3)
+    helpers.write_latent_shard(str(tmp_path / f"train-{shard:05d}.array_record"),
+                               latents[rows.start:rows.stop], [i % 5 for i in rows])
   source = sources.LatentSource(str(tmp_path / "train-*.array_record"), scale=0.5)
   assert len(source) == 6
   items = [source[i] for i in range(6)]

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from sgjax.metrics import adm, features, inception, npz, torch_state
+from sgjax import torch_state
+from sgjax.metrics import adm, features, inception, npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from array_record.python import array_record_module
 
 from configs import digits, imagenet256
 from sgjax import guidance as guidance_lib, report, sample, sweep, train
-from sgjax.data import sources
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,12 +137,9 @@ def test_sweep_checks_every_input_before_sampling(run, tmp_path):
 
 def test_run_on_vae_latents_samples_unscaled_latents_and_sweeps_refuse_it(tmp_path):
   shard = str(tmp_path / "train-00000.array_record")
-  writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
   rng = np.random.default_rng(0)
-  for i in range(16):
-    writer.write(sources.encode_latent_record(
-        rng.standard_normal((8, 8, 4)).astype(np.float16), i % 10))
-  writer.close()
+  helpers.write_latent_shard(shard, rng.standard_normal((16, 8, 8, 4)).astype(np.float16),
+                             np.arange(16) % 10)
   config = imagenet256.get_config("runlocal")
   config.data.update(source="latents", path=shard)
   config.train.update(steps=2, ckpt_every=2)

@@ -1,7 +1,7 @@
 """Evaluation metrics.
 
 - `inception`: the FID Inception-v3 (TF 2015-12-05 graph) in Flax NNX, weights read from
-  pytorch-fid's file without torch (`torch_state`).
+  pytorch-fid's file without torch (`sgjax.torch_state`).
 - `adm`: FID, sFID, Inception Score, precision/recall with the ADM suite's semantics.
 - `digits`: classifier-based metrics for the embedded digits dataset.
 - `features`: batched, data-parallel feature extraction; streamed .npz image files.

@@ -22,7 +22,7 @@ runs resizes with TF1's legacy kernel (no half-pixel centres) and normalises wit
 no TensorFlow); for 256x256 inputs both downsample without antialiasing.
 
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, read without torch
-(`torch_state`), or the .npz written once by
+(`sgjax.torch_state`), or the .npz written once by
 `python -m sgjax.metrics.inception --convert=IN.pth --out=OUT.npz`.
 """
 
@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax.metrics import cache_dir, torch_state
+from sgjax import torch_state
+from sgjax.metrics import cache_dir
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"

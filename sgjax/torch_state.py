@@ -1,7 +1,7 @@
 """Reads PyTorch `torch.save` files (state dicts) into numpy arrays, without torch.
 
-The FID Inception weights are published only as a PyTorch file, and torch is a 2 GB
-dependency we do not otherwise need. A state dict is a pickle whose tensors point at raw
+The FID Inception weights and the SiT / TREAD / DiT checkpoints are published only as
+PyTorch files, and torch is a 2 GB dependency we do not otherwise need. A state dict is a pickle whose tensors point at raw
 storages through pickle's persistent ids; rebuilding them needs nothing but numpy.
 
 Two layouts exist:
@@ -11,13 +11,15 @@ Two layouts exist:
   the object, the list of storage keys) followed by each storage as an int64 element count
   and its little-endian bytes.
 
-The unpickler only admits the few globals a state dict uses (tensor rebuilders, storage
-types, OrderedDict) and refuses anything else, so a hostile file cannot run code.
+The unpickler only admits the few globals a state dict or a training checkpoint uses
+(tensor rebuilders, storage types, OrderedDict, and argparse.Namespace, which SiT's and
+DiT's train.py save as "args") and refuses anything else, so a hostile file cannot run code.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import argparse
 import collections
 import dataclasses
 import io
@@ -84,6 +86,8 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    # Built with __new__ and its __dict__ restored: no code of the file runs.
+    ("argparse", "Namespace"): argparse.Namespace,
 }
 
 
