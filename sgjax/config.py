@@ -60,6 +60,11 @@ RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_eve
                     "mesh.dcn_data")
 
 
+# Fields added after runs were first written, with the value those runs had (the model's
+# default): a config without the field compares as if it had it.
+ADDED_FIELDS = {"model.time_scale": 1000.0}
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """{'a': {'b': 1}} -> {'a.b': 1}; sequences become lists (as after a JSON round trip)."""
   out = {}
@@ -86,7 +91,7 @@ def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
   checkpoint at `step` 0 (imported weights, `sgjax.import_torch`) has seen no training, so
   only its model must stay the same: data, optimizer and schedule start afresh.
   """
-  old, new = flatten(saved), flatten(current)
+  old, new = ({**ADDED_FIELDS, **flatten(tree)} for tree in (saved, current))
   changes, refused = [], []
   for name in sorted(set(old) | set(new)):
     if old.get(name, "<absent>") == new.get(name, "<absent>"):

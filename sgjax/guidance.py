@@ -122,7 +122,8 @@ class GuidanceConfig:
         if getattr(self, name) is not None:
           raise ValueError(f"{prefix}.{name}={getattr(self, name)!r} is set but {prefix}."
                            "schedule='constant'; end rates apply only to schedule='cosine'.")
-    if not isinstance(self.num_levels, int) or self.num_levels < 0 or self.num_levels == 1:
+    if (not isinstance(self.num_levels, int) or isinstance(self.num_levels, bool)
+        or self.num_levels < 0 or self.num_levels == 1):
       raise ValueError(f"{prefix}.num_levels={self.num_levels!r} must be an int >= 2, or 0"
                        " to follow the cosine exactly.")
     if self.interval is not None:

@@ -1,8 +1,9 @@
 """Reads PyTorch `torch.save` files (state dicts) into numpy arrays, without torch.
 
 The FID Inception weights and the SiT / TREAD / DiT checkpoints are published only as
-PyTorch files, and torch is a 2 GB dependency we do not otherwise need. A state dict is a pickle whose tensors point at raw
-storages through pickle's persistent ids; rebuilding them needs nothing but numpy.
+PyTorch files, and torch is a 2 GB dependency we do not otherwise need. A state dict is a
+pickle whose tensors point at raw storages through pickle's persistent ids; rebuilding them
+needs nothing but numpy.
 
 Two layouts exist:
 - zip (torch >= 1.6): `<root>/data.pkl` plus one entry `<root>/data/<key>` of raw bytes per
@@ -109,7 +110,8 @@ class _Unpickler(pickle.Unpickler):
       return _ALLOWED_GLOBALS[(module, name)]
     raise pickle.UnpicklingError(
         f"{self.source}: refusing to load {module}.{name}; only tensors, storages and dicts"
-        " of a plain state dict are supported.")
+        " of a plain state dict are supported (a whole pickled model: save its"
+        " `model.state_dict()` with torch.save and use that file).")
 
   def persistent_load(self, pid: Any) -> _StorageRef:
     # zip: ('storage', type, key, location, numel);
@@ -153,6 +155,8 @@ def _tensor_array(t: _TensorRef, storages: dict[str, np.ndarray], name: str) -> 
                      f" reach element {last}, past its storage of {flat.size} elements.")
   strided = np.lib.stride_tricks.as_strided(
       flat[t.offset:], shape=t.size, strides=[st * flat.itemsize for st in t.stride])
+  if strided.flags.c_contiguous and flat.dtype.isnative:
+    return strided  # a read-only view of the file's bytes: a large checkpoint is not copied
   return np.array(strided, dtype=ref.dtype.newbyteorder("="))  # contiguous, native order
 
 

@@ -41,8 +41,9 @@ def test_weak_labels_per_rule():
     np.testing.assert_array_equal(guidance.weak_labels(rule, labels, key, 10), [10, 10, 10])
   for rule in ("sg", "ag", "ag+sg"):
     np.testing.assert_array_equal(guidance.weak_labels(rule, labels, key, 10), labels)
-  np.testing.assert_array_equal(guidance.weak_labels("icg", labels, key, 10),
-                                guidance.independent_labels(key, labels, 10))
+  icg = np.asarray(guidance.weak_labels("icg", jnp.zeros(1000, jnp.int32), key, 10))
+  # Independent of the true class 0: every class, class 0 itself about a tenth of the time.
+  assert set(icg.tolist()) == set(range(10)) and 70 < np.sum(icg == 0) < 130
 
 
 def test_constant_schedule_and_guidance_interval():

@@ -2,10 +2,10 @@
 outputs (fixtures written by tests/parity/make_fixtures.py, which runs their code; no torch
 here), then sampled and finetuned as sgjax workdirs."""
 
-import ast
 import dataclasses
 import json
 import os
+import shlex
 
 import chex
 import jax
@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from sgjax import checkpoint, config as config_lib, import_torch, sampling, torch_state, train
 from sgjax.guidance import GuidanceConfig
@@ -122,14 +124,15 @@ def test_imported_workdir_samples_and_finetunes(tmp_path):
   images, _ = sampling.sample(model, GuidanceConfig("sg", omega=1.5, gamma_strong=0.0,
                                                     gamma_weak=0.5), jnp.arange(4), 0, steps=2)
   assert np.isfinite(np.asarray(images)).all()
-  # The printed command's overrides rebuild the written config from configs/imagenet256.py.
-  assert f"model=SiT-{TINY}/2,sparsity=routing,latent_size=8" in result["finetune"]
-  base = import_torch.base_config(f"SiT-{TINY}/2", "routing", 8).to_dict()
-  for flag in result["finetune"].split():
-    if flag.startswith("--config.model."):
-      name, value = flag[len("--config.model."):].split("=", 1)
-      base["model"][name] = ast.literal_eval(value)
-  assert json.loads(json.dumps(base, default=list)) == config
+  # The printed command, split as a shell would, gives the written config through the same
+  # config flag as sgjax.train.
+  argv = shlex.split(result["finetune"])
+  assert argv[:3] == ["python", "-m", "sgjax.train"] and argv[-1] == f"--workdir={workdir}"
+  flag_values, train_argv = flags.FlagValues(), ["sgjax.train"] + argv[3:-1]
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=train_argv)
+  flag_values(train_argv)
+  assert json.loads(json.dumps(flag_values.config.to_dict(), default=list)) == config
   # Finetuning resumes at the imported step 0 with the same config and new data.
   shards = tmp_path / "latents.array_record"
   helpers.write_latent_shard(str(shards), np.random.default_rng(0).normal(
@@ -195,3 +198,29 @@ def test_an_imported_step_0_may_change_everything_but_the_model():
     config_lib.resume_changes(saved, current, step=10)
   with pytest.raises(ValueError, match="model.width: 32 -> 64"):
     config_lib.resume_changes(saved, {**current, "model": {"width": 64}}, step=0)
+
+
+def test_runs_written_before_time_scale_existed_resume_with_its_old_value():
+  old_run = {"model": {"width": 32}}
+  assert config_lib.resume_changes(old_run, {"model": {"width": 32, "time_scale": 1000.0}},
+                                   step=10) == []
+  with pytest.raises(ValueError, match="model.time_scale: 1000.0 -> 1.0"):
+    config_lib.resume_changes(old_run, {"model": {"width": 32, "time_scale": 1.0}}, step=10)
+
+
+def test_class_tables_without_a_null_class_get_one_and_sit_args_are_checked(tmp_path):
+  weights, _ = dit_torch.select_weights(torch_state.load(os.path.join(FIXTURES, "dit.pt")))
+  table = weights["y_embedder.embedding_table.weight"].copy()  # 11 rows: 10 classes + null
+  assert dit_torch.add_null_class(dict(weights), None) == (10, False)
+  assert dit_torch.add_null_class(weights, 11) == (11, True)
+  chex.assert_trees_all_equal(weights["y_embedder.embedding_table.weight"],
+                              np.concatenate([table, np.zeros_like(table[:1])]))
+  with pytest.raises(ValueError, match="--num_classes=5, but .* has 11 rows"):
+    dit_torch.add_null_class(dict(weights, **{"y_embedder.embedding_table.weight": table}), 5)
+  model, _ = float32_model(imported(tmp_path, "dit", num_classes=11)[0])
+  assert model.cfg.num_classes == 11
+  checkpoint_file = torch_state.load(os.path.join(FIXTURES, "sit.pt"))
+  dit_torch.check_training_args(checkpoint_file)  # its args: no path_type / prediction
+  checkpoint_file["args"].path_type, checkpoint_file["args"].prediction = "GVP", "velocity"
+  with pytest.raises(ValueError, match="'path_type': 'GVP'"):
+    dit_torch.check_training_args(checkpoint_file)

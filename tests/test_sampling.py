@@ -193,6 +193,9 @@ def test_exact_cosine_schedule_runs_every_step_at_its_own_token_counts(model):
   # Consecutive steps share a segment only when both counts agree.
   shapes = [s.shape for s in plan.segments]
   assert all(a != b for a, b in zip(shapes, shapes[1:])) and len(shapes) > 8
+  sampler = sampling.Sampler(model, g, steps=steps)
+  assert sampler.plan == plan
+  assert np.all(np.isfinite(np.asarray(sampler(jnp.arange(4), 0))))
 
 
 def test_heun_doubles_evaluations_and_runs(model):

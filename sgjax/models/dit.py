@@ -5,11 +5,14 @@ trains every model. Layout follows DiT (Peebles & Xie, 2023): patch embedding, f
 positions, timestep-frequency and class embeddings (one extra "null" class for guidance
 dropout), adaLN-Zero blocks, and a zero-initialised final layer.
 
-Mixed precision as the PyTorch references run under autocast: parameters, the residual stream,
-the conditioning vector `c`, the adaLN modulations, the norms and the final layer are float32;
-only the token matmuls (patch embedding, q/k/v/out projections, MLP, MaskDiT's decoder input)
-and attention run in `dtype`. With routing, the block right after each route runs wholly in
-float32, as TREAD's does (`fp32_next`): the first to see merged kept and skipped tokens.
+Mixed precision: parameters, the residual stream, the conditioning vector `c`, the adaLN
+modulations, the norms and the final layer are float32; only the token matmuls (patch
+embedding, q/k/v/out projections, MLP, MaskDiT's decoder input) and attention run in `dtype`.
+The residual stream and norms are float32 under PyTorch's autocast too (TREAD and MaskDiT
+train with it); autocast would also run the small per-sample layers (time MLP, adaLN) and
+the final layer in 16 bits, which sgjax keeps float32 at negligible cost. With routing, the
+block right after each route runs wholly in float32, as TREAD's does (`fp32_next`, there
+only while routing): the first block to see merged kept and skipped tokens.
 
 Every parameter carries logical sharding axes (see `sgjax/sharding.py` for the rules that map
 them to mesh axes): `embed` (model width), `mlp` (MLP hidden), `heads` (attention q/k/v

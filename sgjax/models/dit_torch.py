@@ -118,34 +118,69 @@ def select_weights(checkpoint: Any, ema: bool = True) -> tuple[dict[str, np.ndar
   return weights, where
 
 
+def check_training_args(checkpoint: Any) -> None:
+  """Refuses a SiT training checkpoint whose `args` name another interpolant or target.
+
+  SiT's train.py records `path_type` (Linear | GVP | VP) and `prediction` (velocity | score |
+  noise); only Linear + velocity is sgjax's flow matching. Files without `args` (the official
+  release, DiT, TREAD) pass.
+  """
+  args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+  settings = {name: getattr(args, name) for name in ("path_type", "prediction")
+              if hasattr(args, name)}
+  if settings and settings != {"path_type": "Linear", "prediction": "velocity"}:
+    raise ValueError(f"the checkpoint was trained with {settings} (its args); sgjax imports"
+                     " SiT's linear path with velocity prediction only.")
+
+
 def architecture(weights: Mapping[str, np.ndarray]) -> dict[str, int]:
   """The shape fields a state dict fixes: width, patch_size, in_channels, input_size, depth,
-  num_classes, mlp hidden width and output channels."""
+  mlp hidden width and output channels (classes: `add_null_class`)."""
   needed = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
             "blocks.0.mlp.fc1.weight", "final_layer.linear.weight")
   missing = [name for name in needed if name not in weights]
   if missing:
     raise ValueError(f"the state dict lacks {missing}: not a SiT / TREAD / DiT model (or a"
                      " class-unconditional one, which sgjax does not import).")
+  if weights["x_embedder.proj.weight"].ndim != 4:
+    raise ValueError(f"x_embedder.proj.weight has shape"
+                     f" {weights['x_embedder.proj.weight'].shape}; expected the patch"
+                     " convolution's [width, channels, patch, patch].")
   width, in_channels, patch, _ = weights["x_embedder.proj.weight"].shape
   num_tokens = weights["pos_embed"].shape[-2]
   grid = int(round(num_tokens**0.5))
   depth = 1 + max(int(m.group(1)) for name in weights
                   if (m := re.match(r"blocks\.(\d+)\.", name)))
   return dict(width=width, patch_size=patch, in_channels=in_channels, input_size=grid * patch,
-              depth=depth, num_classes=weights["y_embedder.embedding_table.weight"].shape[0] - 1,
-              mlp_hidden=weights["blocks.0.mlp.fc1.weight"].shape[0],
+              depth=depth, mlp_hidden=weights["blocks.0.mlp.fc1.weight"].shape[0],
               out_channels=weights["final_layer.linear.weight"].shape[0] // patch**2)
+
+
+def add_null_class(weights: dict[str, np.ndarray], num_classes: int | None) -> tuple[int, bool]:
+  """(num_classes, whether a null row was added) for the class table of `weights`.
+
+  SiT and DiT give the table a "null" row (label `num_classes`, CFG's unconditional class)
+  only when trained with label dropout. `num_classes=None` assumes they were (rows - 1
+  classes); with `num_classes` equal to the rows, a zero null row is appended (in place), so
+  the model can be finetuned with label dropout before it guides.
+  """
+  name = "y_embedder.embedding_table.weight"
+  rows = weights[name].shape[0]
+  if num_classes is None or num_classes == rows - 1:
+    return rows - 1, False
+  if num_classes != rows:
+    raise ValueError(f"--num_classes={num_classes}, but {name} has {rows} rows: expected"
+                     f" {num_classes} (no null class) or {num_classes + 1} (with one).")
+  weights[name] = np.concatenate([weights[name], np.zeros_like(weights[name][:1])])
+  return num_classes, True
 
 
 def check_fits(weights: Mapping[str, np.ndarray], cfg: dit.DiTConfig, model: str) -> None:
   """Raises ValueError naming the tensor and shape where `cfg` (from --model) does not fit."""
   arch = architecture(weights)
   checks = (("width", cfg.width, "x_embedder.proj.weight"),
-            ("patch_size", cfg.patch_size, "x_embedder.proj.weight"),
-            ("mlp hidden width", int(cfg.width * cfg.mlp_ratio), "blocks.0.mlp.fc1.weight"))
-  for (name, value, tensor), found in zip(checks, (arch["width"], arch["patch_size"],
-                                                   arch["mlp_hidden"])):
+            ("patch_size", cfg.patch_size, "x_embedder.proj.weight"))
+  for (name, value, tensor), found in zip(checks, (arch["width"], arch["patch_size"])):
     if found != value:
       raise ValueError(f"--model={model} has {name} {value}, but the checkpoint's {tensor} is"
                        f" {tuple(weights[tensor].shape)} ({name} {found}); pick the --model"
@@ -155,9 +190,10 @@ def check_fits(weights: Mapping[str, np.ndarray], cfg: dit.DiTConfig, model: str
                      f" blocks.0 to blocks.{arch['depth'] - 1}; pick the --model it was"
                      " trained as.")
   if arch["out_channels"] not in (cfg.in_channels, 2 * cfg.in_channels):
-    raise ValueError(f"final_layer.linear.weight {tuple(weights['final_layer.linear.weight'].shape)}"
-                     f" gives {arch['out_channels']} output channels for {cfg.in_channels} input"
-                     " channels; expected the same number or twice it (learn_sigma).")
+    shape = tuple(weights["final_layer.linear.weight"].shape)
+    raise ValueError(f"final_layer.linear.weight {shape} gives {arch['out_channels']} output"
+                     f" channels for {cfg.in_channels} input channels; expected the same"
+                     " number or twice it (learn_sigma).")
 
 
 def _t(weight: np.ndarray) -> np.ndarray:
