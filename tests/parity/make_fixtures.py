@@ -18,6 +18,7 @@ lives in this repository.
   SiT    willisma/SiT              models.py (SiT, SiT_models)
   TREAD  CompVis/tread             dit.py (DiT with routing), routing_module.py
   DiT    facebookresearch/DiT      models.py (DiT)
+  MaskDiT  Anima-Lab/MaskDiT       models/maskdit.py (DecoderLayer, the decoder input)
 
 For each architecture a small model is built with the reference constructor,
 then every parameter except the fixed sin-cos ``pos_embed`` is randomised
@@ -80,6 +81,10 @@ Fixtures written to --out, for arch in sit, tread, dit:
               in the Router's (shuffled, unsorted) order.
   gamma       0-d float32 0.5, the fraction of tokens dropped (TREAD's
               "selection_ratio" is the fraction masked, not kept).
+
+``maskdit_decoder_input.npz``: MaskDiT's DecoderLayer (LayerNorm, adaLN shift/scale
+from c, linear 32 -> 16) with random weights, stored as ``weight:<state dict key>``
+arrays; ``x`` [4, 8, 32], ``c`` [4, 32] and its output ``out`` [4, 8, 16].
 """
 
 import argparse
@@ -100,6 +105,7 @@ torch._dynamo.config.disable = True
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3,
              num_heads=2, mlp_ratio=4.0, num_classes=10)
 TREAD_ROUTES = [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 1}]
+DECODER_WIDTH = 16  # MaskDiT's decoder width (512 in the paper)
 LABELS = [3, 7, 10, 0]
 TIMES = {"sit": [0.125, 0.25, 0.5, 0.75],
          "tread": [0.75, 0.5, 0.25, 0.125],
@@ -118,16 +124,17 @@ def import_reference(repo, files, module, workdir):
     sys.modules again, so two references with a `models.py` do not collide.
     """
     os.makedirs(workdir)
-    for name in files:
+    names = [os.path.basename(path) for path in files]  # models/maskdit.py -> maskdit.py
+    for path, name in zip(files, names):
         with open(os.path.join(workdir, name), "wb") as f:
-            f.write(git(repo, "show", f"HEAD:{name}"))
+            f.write(git(repo, "show", f"HEAD:{path}"))
     sys.path.insert(0, workdir)
     importlib.invalidate_caches()
     try:
         mod = importlib.import_module(module)
     finally:
         sys.path.remove(workdir)
-        for name in files:
+        for name in names:
             sys.modules.pop(name[:-len(".py")], None)
     return mod
 
@@ -253,12 +260,29 @@ def make_dit(ref, repo, out_dir):
                             routes=None))
 
 
+def make_maskdit_decoder_input(ref, repo, out_dir):
+    """MaskDiT's DecoderLayer (encoder width -> decoder width, modulated by c) alone."""
+    layer = ref.DecoderLayer(SMALL["hidden_size"], DECODER_WIDTH)
+    randomise_(layer, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 8, SMALL["hidden_size"], generator=gen)
+    c = torch.randn(4, SMALL["hidden_size"], generator=gen)
+    with torch.no_grad():
+        out = layer(x, c)
+    weights = {k: v.numpy() for k, v in layer.state_dict().items()}
+    np.savez(os.path.join(out_dir, "maskdit_decoder_input.npz"), x=x.numpy(), c=c.numpy(),
+             out=out.numpy(), config=config_json("maskdit", repo, decoder_width=DECODER_WIDTH),
+             **{f"weight:{k}": v for k, v in weights.items()})
+    print(f"maskdit decoder input: out {tuple(out.shape)} max|out| = {out.abs().max():.4f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tests/parity/fixtures")
     parser.add_argument("--sit_repo", default="/work/.mirror/willisma+SiT/repo")
     parser.add_argument("--tread_repo", default="/work/.mirror/CompVis+tread/repo")
     parser.add_argument("--dit_repo", default="/work/.mirror/facebookresearch+DiT/repo")
+    parser.add_argument("--maskdit_repo", default="/work/.mirror/Anima-Lab+MaskDiT/repo")
     parser.add_argument("--sit_xl_out", default=None,
                         help="only write a random full-size SiT-XL/2 state dict here")
     args = parser.parse_args()
@@ -281,6 +305,9 @@ def main():
         make_sit(sit, args.sit_repo, args.out)
         make_tread(tread, args.tread_repo, args.out)
         make_dit(dit, args.dit_repo, args.out)
+        maskdit = import_reference(args.maskdit_repo, ["models/maskdit.py"], "maskdit",
+                                   os.path.join(tmp, "maskdit"))
+        make_maskdit_decoder_input(maskdit, args.maskdit_repo, args.out)
 
 
 if __name__ == "__main__":
