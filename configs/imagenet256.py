@@ -21,7 +21,6 @@ def tread_routes(depth: int) -> tuple[tuple[int, int, float], ...]:
   return ((2, depth - 4, 0.5),)
 
 
-
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="SiT-XL/2", sparsity="routing", latent_size=32,
                              runlocal=False)
