@@ -46,8 +46,9 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(
       source="latents", path="", name="", data_dir="", image_size=arg["latent_size"], flip=True,
       num_workers=8,
-      # SD-VAE (ft-EMA) latent scale: latents are stored unscaled and multiplied by this.
-      latent_scale=0.18215))
+      # The VAE folder that made the latents (`sgjax.latents --vae`; sampling decodes with it)
+      # and its scale (SD-VAE's 0.18215; checked against the VAE's config.json when vae is set).
+      vae="", latent_scale=0.18215))
 
   config.train = ml_collections.ConfigDict(dict(
       batch_size=256, steps=400_000, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,

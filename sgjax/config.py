@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from sgjax import flow
-from sgjax.models import dit
+from sgjax.models import dit, vae
 from sgjax.sparsity import Route
 
 
@@ -56,6 +56,7 @@ def model_config(model: Mapping[str, Any]) -> dit.DiTConfig:
 RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_every",
                     "train.ckpt_every", "train.keep_ckpts", "train.keep_every",
                     "train.sample_every", "data.num_workers", "data.path", "data.data_dir",
+                    "data.vae",
                     "model.remat", "model.attention", "mesh.preset", "mesh.tensor",
                     "mesh.dcn_data")
 
@@ -125,3 +126,19 @@ def validate(config) -> None:
     raise ValueError(f"train.ema_decay={train.ema_decay!r} must lie in [0, 1).")
   if train.get("lr_schedule", "constant") not in ("constant", "cosine"):
     raise ValueError(f"train.lr_schedule={train.lr_schedule!r}: choose constant or cosine.")
+  check_vae(config)
+
+
+def check_vae(config) -> None:
+  """A run on VAE latents that names its VAE (data.vae) must fit it: the model's channels are
+  the VAE's latent channels, and data.latent_scale is the VAE's scaling factor."""
+  data = config.data
+  if data.source != "latents" or not data.get("vae"):
+    return
+  cfg = vae.read_config(data.vae)
+  if cfg.latent_channels != config.model.in_channels:
+    raise ValueError(f"model.in_channels={config.model.in_channels}, but the VAE in"
+                     f" data.vae={data.vae!r} has {cfg.latent_channels} latent channels.")
+  if abs(cfg.scaling_factor - data.latent_scale) > 1e-9:
+    raise ValueError(f"data.latent_scale={data.latent_scale}, but the VAE in data.vae="
+                     f"{data.vae!r} has scaling_factor {cfg.scaling_factor}; set them equal.")

@@ -6,9 +6,10 @@
 Writes OUT/grid.png (labelled), OUT/samples.npz (`arr_0` uint8 NHWC images, `arr_1` labels:
 the ADM evaluation suite's format) and OUT/sampling.json (guidance, NFE, wall time without
 compilation, images/s, GFLOPs per image of the whole trajectory in both conventions). A run
-trained on VAE latents writes OUT/latents.npz instead of images and grid (`arr_0` float32
-NHWC latents, unscaled as the VAE decoder takes them, `arr_1` labels): sgjax does not ship
-the decoder yet.
+trained on VAE latents decodes its samples with its VAE (`--vae`, default the run's
+`data.vae`) into the same files; `--save_latents`, or a run without a VAE, writes
+OUT/latents.npz (`arr_0` float32 NHWC latents, unscaled as the decoder takes them, `arr_1`
+labels).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from absl import app, flags, logging
 
 from sgjax import checkpoint, distributed, guidance as guidance_lib, logs, sampling, sharding
 from sgjax.data import sources
+from sgjax.models import vae as vae_lib
 
 FLAGS = flags.FLAGS
 
@@ -134,13 +136,32 @@ def latent_scale_of(config: dict) -> float | None:
   return data["latent_scale"] if data["source"] == "latents" else None
 
 
+def latent_decoder(config: dict, mesh, vae_dir: str | None = None):
+  """For a run trained on VAE latents: a function from its samples (scaled latents) to images
+  in [-1, 1], decoding with `vae_dir` or the run's `data.vae`; None for pixel runs and for
+  latent runs that name no VAE."""
+  scale = latent_scale_of(config)
+  vae_dir = vae_dir or config["data"].get("vae") or None
+  if scale is None or vae_dir is None:
+    return None
+  model = vae_lib.load(vae_dir)
+  channels = config["model"]["in_channels"]
+  if model.cfg.latent_channels != channels:
+    raise ValueError(f"the VAE in {vae_dir!r} has {model.cfg.latent_channels} latent channels;"
+                     f" the run's model takes {channels}: use the VAE its latents came from.")
+  _, decode = vae_lib.batch_codec(model, mesh)
+  return lambda samples: decode(np.asarray(samples) / np.float32(scale))
+
+
 def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batch_size: int,
                   labels: str, seed: int, info: dict, warmup: bool = True,
-                  latent_scale: float | None = None) -> dict:
+                  latent_scale: float | None = None, decode=None,
+                  save_latents: bool = False) -> dict:
   """Runs `sampler` and writes grid.png, samples.npz, sampling.json; returns the summary.
 
-  With `latent_scale` the samples are latents of a VAE: latents.npz holds them divided by
-  the scale (as the decoder takes them) in place of the images and grid.
+  With `latent_scale` the samples are latents of a VAE: `decode` (`latent_decoder`) turns
+  them into the images; latents.npz holds them divided by the scale (as the decoder takes
+  them) when there is no decoder, or with `save_latents`.
 
   Batches have a fixed shape (the last is padded), so images depend on the seed and
   batch_size but never on the device count. `warmup` runs the first batch once untimed
@@ -164,17 +185,28 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
              for i, labels_i in enumerate(batches)]
   wall_s = time.perf_counter() - start
   samples = np.concatenate(outputs)[:num_samples]
+  decode_s = None
+  if latent_scale is not None and decode is not None:
+    start = time.perf_counter()
+    decoded = [distributed.to_host(decode(batch)) for batch in outputs]
+    decode_s = time.perf_counter() - start
+  kinds = []
+  if latent_scale is None or decode is not None:
+    kinds.append("images")
+  if latent_scale is not None and (decode is None or save_latents):
+    kinds.append("latents")
 
   if distributed.is_primary():
     os.makedirs(out, exist_ok=True)
-    if latent_scale is None:
-      images = sources.to_uint8(samples)
+    if "images" in kinds:
+      images = sources.to_uint8(samples if latent_scale is None
+                                else np.concatenate(decoded)[:num_samples])
       np.savez(os.path.join(out, "samples.npz"), images, all_labels)
       save_grid(os.path.join(out, "grid.png"), images[:100], all_labels[:100])
-    else:
+    if "latents" in kinds:
       np.savez(os.path.join(out, "latents.npz"), samples / np.float32(latent_scale), all_labels)
   summary = {
-      **info, "output": "images" if latent_scale is None else "latents",
+      **info, "output": "+".join(kinds), "decode_s": decode_s,
       "guidance": dataclasses.asdict(sampler.guidance), "num_samples": num_samples,
       "batch_size": batch_size, "seed": seed, "labels": labels,
       "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
@@ -193,7 +225,8 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
 
 def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=None,
         ema=True, aux_workdir=None, aux_step=None, steps=40, solver="euler", nested=False,
-        num_samples=64, batch_size=64, labels="balanced", seed=0) -> dict:
+        num_samples=64, batch_size=64, labels="balanced", seed=0, vae=None,
+        save_latents=False) -> dict:
   """The `python -m sgjax.sample` command as a function."""
   checkpoint.local_path(workdir, "workdir")  # first: the default --out lies inside it
   checkpoint.local_path(out, "out")
@@ -204,8 +237,12 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
                              aux_model=aux_model, mesh=mesh, nested=nested)
   info = {"workdir": os.path.abspath(workdir), "ema": ema, "nested": nested,
           "aux_workdir": aux_workdir and os.path.abspath(aux_workdir), **steps_info}
+  decode = latent_decoder(config, mesh, vae)
+  if latent_scale_of(config) is not None and decode is None:
+    logging.info("no VAE given (--vae or data.vae): writing latents.npz, not images")
   return sample_to_dir(sampler, out, num_samples=num_samples, batch_size=batch_size,
-                       labels=labels, seed=seed, info=info, latent_scale=latent_scale_of(config))
+                       labels=labels, seed=seed, info=info, latent_scale=latent_scale_of(config),
+                       decode=decode, save_latents=save_latents)
 
 
 def define_flags() -> None:
@@ -226,6 +263,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sample seed.")
   flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples/<setting>, e.g."
                       " samples/sg-w2-gs0.5-gw0.9).")
+  flags.DEFINE_string("vae", None, "Runs on VAE latents: the diffusers AutoencoderKL folder"
+                      " that decodes the samples (default: the run's data.vae).")
+  flags.DEFINE_bool("save_latents", False, "Runs on VAE latents: also write latents.npz.")
   distributed.define_flags()
 
 
@@ -239,7 +279,8 @@ def main(argv):
   run(FLAGS.workdir, guidance, out, step=FLAGS.step, ema=FLAGS.ema,
       aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step, steps=FLAGS.steps,
       solver=FLAGS.solver, nested=FLAGS.nested, num_samples=FLAGS.num_samples,
-      batch_size=FLAGS.batch_size, labels=FLAGS.labels, seed=FLAGS.seed)
+      batch_size=FLAGS.batch_size, labels=FLAGS.labels, seed=FLAGS.seed, vae=FLAGS.vae,
+      save_latents=FLAGS.save_latents)
 
 
 if __name__ == "__main__":

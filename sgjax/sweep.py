@@ -74,7 +74,7 @@ def _done(folder: str, spec: dict) -> bool:
 def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: str, *,
               seeds=(0,), metric="digits", reference=None, inception_weights=None,
               steps=40, num_samples=500, batch_size=256, step=None, aux_workdir=None,
-              aux_step=None) -> list[dict]:
+              aux_step=None, vae=None) -> list[dict]:
   """Samples + evaluates every setting and seed (reusing finished ones); one row each.
 
   Everything is checked before the first sample: the grid, the metric's files, the auxiliary
@@ -90,10 +90,12 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
     sample.check_aux(setting, aux_workdir, aux_step)
   mesh = sample.sampling_mesh(batch_size)
   config, step = checkpoint.run_config(workdir, step)
-  if sample.latent_scale_of(config) is not None:
+  latent_scale = sample.latent_scale_of(config)
+  decode = sample.latent_decoder(config, mesh, vae)
+  if latent_scale is not None and decode is None:
     raise ValueError(f"--workdir={workdir!r} trained on VAE latents: its samples need the VAE"
-                     " decoder, which sgjax does not ship yet, before any metric. Sample with"
-                     " python -m sgjax.sample (it writes latents.npz) and decode them.")
+                     " decoder before any metric; pass --vae=DIR (or train with"
+                     " --config.data.vae=DIR).")
   model_cfg = config_lib.model_config(config["model"])
   spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
@@ -123,7 +125,8 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
                                      mesh=mesh)
         sample.sample_to_dir(sampler, folder, num_samples=num_samples, batch_size=batch_size,
                              labels="balanced", seed=seed, warmup=not warm,
-                             info={"workdir": os.path.abspath(workdir), **info})
+                             info={"workdir": os.path.abspath(workdir), **info},
+                             latent_scale=latent_scale, decode=decode)
         warm = True
         npz.evaluate_npz(os.path.join(folder, "samples.npz"), reference, metric,
                          inception_weights, batch_size)
@@ -296,6 +299,8 @@ def define_flags() -> None:
   flags.DEFINE_string("aux_workdir", None, "ag rules: run of the auxiliary model.")
   flags.DEFINE_integer("aux_step", None, "ag rules: checkpoint step of the auxiliary model.")
   flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/sweep).")
+  flags.DEFINE_string("vae", None, "Runs on VAE latents: the VAE folder that decodes the"
+                      " samples (default: the run's data.vae).")
 
 
 def main(argv):
@@ -308,7 +313,8 @@ def main(argv):
                    metric=FLAGS.metric, reference=FLAGS.reference,
                    inception_weights=FLAGS.inception_weights, steps=FLAGS.steps,
                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-                   step=FLAGS.step, aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step)
+                   step=FLAGS.step, aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step,
+                   vae=FLAGS.vae)
   metrics = (["fid", "class_accuracy", "diversity", "precision", "recall"]
              if FLAGS.metric == "digits" else ["fid", "sfid", "inception_score", "precision",
                                                "recall"])

@@ -7,6 +7,7 @@ from array_record.python import array_record_module
 from flax import nnx
 
 from sgjax.data import sources
+from sgjax.metrics import inception
 from sgjax.models import dit
 from sgjax.sparsity import Route
 
@@ -45,3 +46,21 @@ def write_latent_shard(path: str, latents: np.ndarray, labels) -> None:
   for latent, label in zip(latents, labels):
     writer.write(sources.encode_latent_record(latent, int(label)))
   writer.close()
+
+
+def random_inception_weights(seed: int = 0) -> dict[str, np.ndarray]:
+  """pytorch-fid-named tensors: He-scaled convs, identity BatchNorm, small logits layer."""
+  rng = np.random.default_rng(seed)
+  state = {}
+  for name, shape in inception.state_dict_shapes().items():
+    if name.endswith(("running_var", "bn.weight")):
+      value = np.ones(shape)
+    elif name.endswith(("running_mean", "bn.bias")):
+      value = 0.01 * rng.standard_normal(shape)
+    elif len(shape) == 4:
+      value = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+    else:
+      value = 0.01 * rng.standard_normal(shape)
+    state[name] = value.astype(np.float32)
+  state["fc.bias"] = np.zeros(inception.NUM_LOGITS, np.float32)  # in the file, unused
+  return state

@@ -21,33 +21,16 @@ import scipy.linalg
 
 from sgjax import torch_state
 from sgjax.metrics import adm, features, inception, npz
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
-  """pytorch-fid-named tensors: He-scaled convs, identity BatchNorm, small logits layer."""
-  rng = np.random.default_rng(seed)
-  state = {}
-  for name, shape in inception.state_dict_shapes().items():
-    if name.endswith(("running_var", "bn.weight")):
-      value = np.ones(shape)
-    elif name.endswith(("running_mean", "bn.bias")):
-      value = 0.01 * rng.standard_normal(shape)
-    elif len(shape) == 4:
-      value = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-    else:
-      value = 0.01 * rng.standard_normal(shape)
-    state[name] = value.astype(np.float32)
-  state["fc.bias"] = np.zeros(inception.NUM_LOGITS, np.float32)  # in the file, unused
-  return state
-
-
 @pytest.fixture(scope="module")
 def state_dict():
-  return random_state_dict()
+  return helpers.random_inception_weights()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""grain input pipeline: one global seeded order, sliced per host; optional flips.
+"""grain input pipeline: one global seeded order, sliced per host; latents drawn from VAE
+posteriors; optional flips.
 
 The order of examples, and so every global batch, depends only on the seed and the global
 batch size: host `i` of `n` reads the rows [i * b / n, (i + 1) * b / n) of each global batch,
@@ -11,6 +12,12 @@ from __future__ import annotations
 
 import grain
 import numpy as np
+
+
+def _sample_posterior(item, rng: np.random.Generator):
+  """z = mean + std * eps for an item that holds a VAE posterior (`std`)."""
+  eps = rng.standard_normal(item["image"].shape, np.float32)
+  return {"image": item["image"] + item["std"] * eps, "label": item["label"]}
 
 
 def _flip(item, rng: np.random.Generator):
@@ -46,8 +53,9 @@ def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
   """An endless iterator of this host's share of the global batches, from batch `start_step`:
   {"image": [global_batch / shard_count, H, W, C] float32, "label": [...] int32}.
 
-  Each epoch is a fresh permutation of `source` (grain reseeds the shuffle per epoch); flips
-  are drawn per example from the seed and the example's position in the global stream.
+  Each epoch is a fresh permutation of `source` (grain reseeds the shuffle per epoch); the
+  latent drawn from a posterior and the flip are drawn per example from the seed and the
+  example's position in the global stream, so they differ every time an example returns.
   """
   if not len(source):
     raise ValueError("the dataset is empty.")
@@ -55,6 +63,8 @@ def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
     raise ValueError(f"the global batch {global_batch} does not split evenly over"
                      f" {shard_count} hosts.")
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if "std" in source[0]:
+    ds = ds.random_map(_sample_posterior)
   if flip:
     ds = ds.random_map(_flip)
   ds = ds.map(_as_arrays).batch(global_batch // shard_count, drop_remainder=True)

@@ -8,8 +8,11 @@
 - `synthetic`: N(0, 1) images with uniform labels, a pure function of the index: for
   smoke runs and benchmarks on machines without the data.
 - `latents`: precomputed VAE latents in ArrayRecord shards. Record schema: each record is the
-  bytes of an uncompressed `.npz` (`np.savez`) holding `latent` (float16 or float32
-  [H, W, C], unscaled VAE latent) and `label` (int scalar). See `encode_latent_record`.
+  bytes of an uncompressed `.npz` (`np.savez`) holding `label` (int scalar) and either the
+  VAE posterior, `mean` and `std` (float32 [H, W, C], unscaled; `python -m sgjax.latents`
+  writes these, with the source `index`), from which training draws a fresh latent
+  `mean + std * eps` per example and step (`sgjax.data.pipeline`), or one fixed `latent`
+  (float16 or float32 [H, W, C], unscaled). See `encode_latent_record`.
 """
 
 from __future__ import annotations
@@ -107,10 +110,13 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   return out[..., None] if squeeze else out
 
 
-def encode_latent_record(latent: np.ndarray, label: int) -> bytes:
-  """One ArrayRecord record of the `latents` source."""
+def encode_latent_record(latent: np.ndarray, label: int, **arrays) -> bytes:
+  """One ArrayRecord record of the `latents` source: a fixed `latent`, or (latent=None) the
+  posterior given as `mean=` and `std=` arrays, plus any other arrays (e.g. `index=`)."""
   buf = io.BytesIO()
-  np.savez(buf, latent=latent, label=np.int32(label))
+  if latent is not None:
+    arrays["latent"] = latent
+  np.savez(buf, label=np.int32(label), **arrays)
   return buf.getvalue()
 
 
@@ -133,8 +139,13 @@ class LatentSource:
 
   def __getitem__(self, i):
     record = np.load(io.BytesIO(self._source[i]))
-    latent = record["latent"].astype(np.float32) * self.scale
-    return {"image": latent, "label": np.int32(record["label"])}
+    item = {"label": np.int32(record["label"])}
+    if "latent" in record:
+      item["image"] = record["latent"].astype(np.float32) * self.scale
+    else:  # the posterior: the pipeline draws image + std * eps
+      item["image"] = record["mean"].astype(np.float32) * self.scale
+      item["std"] = record["std"].astype(np.float32) * self.scale
+    return item
 
 
 class SyntheticSource:
