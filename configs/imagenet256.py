@@ -44,7 +44,8 @@ def get_config(arg=None):
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))
 
   config.data = ml_collections.ConfigDict(dict(
-      source="latents", path="", name="", data_dir="", image_size=arg["latent_size"], flip=True,
+      # No flips of latents: `sgjax.latents --flip` encodes flipped images as records.
+      source="latents", path="", name="", data_dir="", image_size=arg["latent_size"], flip=False,
       num_workers=8,
       # The VAE folder that made the latents (`sgjax.latents --vae`; sampling decodes with it)
       # and its scale (SD-VAE's 0.18215; checked against the VAE's config.json when vae is set).

@@ -13,6 +13,7 @@ latent from the posterior every time.
 `--flip` adds a horizontally flipped copy of every image, encoded on its own (the latent of a
 flipped image is not the flipped latent).
 
+Every host must see the same `--out` folder (a shared file system or a mounted bucket).
 Resumable: a shard is written to a temporary file and renamed when complete, with a
 `.json` beside it naming the images that could not be read; a restart skips complete shards
 and redoes the rest, so every readable image ends in exactly one record. Unreadable or
@@ -24,6 +25,7 @@ train with `--config.data.path='OUT/train-*.array_record'` and `--config.data.va
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import time
@@ -122,7 +124,9 @@ def precompute(source: str, vae_dir: str, out: str, *, resolution: int = 256,
   entries = [(i, f) for i in range(num_images) for f in ((False, True) if flip else (False,))]
   num_shards = -(-len(entries) // shard_size)
   spec = {"source": source, "vae": os.path.abspath(vae_dir),
-          "vae_config": {k: v for k, v in vars(model.cfg).items() if k != "dtype"},
+          "vae_config": vars(model.cfg),
+          "images_sha256": hashlib.sha256("\n".join(
+              collection.name(i) for i in range(num_images)).encode()).hexdigest(),
           "scaling_factor": model.cfg.scaling_factor, "resolution": resolution,
           "latent_shape": [resolution // model.cfg.downsample_factor] * 2
                           + [model.cfg.latent_channels],
@@ -153,9 +157,10 @@ def _check_same_run(out: str, spec: dict) -> None:
       changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
       raise ValueError(f"--out={out!r} holds latents made with other settings ({changed});"
                        " use another folder or the same settings to resume.")
-  elif jax.process_index() == 0:
-    with open(path, "w") as f:
+  elif jax.process_index() == 0:  # atomically: other hosts may be reading it
+    with open(path + ".tmp", "w") as f:
       json.dump(spec, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _write_manifest(out: str, spec: dict) -> dict:

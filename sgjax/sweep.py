@@ -100,6 +100,8 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
           "reference": reference and os.path.abspath(reference)}
+  if latent_scale is not None:  # the decoder is part of what made the images
+    spec["vae"] = os.path.abspath(vae or config["data"]["vae"])
   aux_spec, aux_cfg = {}, None
   if any(setting.uses_aux for setting in settings):
     aux_config, aux_step = checkpoint.run_config(aux_workdir or workdir, aux_step)

@@ -17,7 +17,7 @@ from configs import imagenet256
 from sgjax import latents, sample, sweep, train
 from sgjax import config as config_lib
 from sgjax.data import images as images_lib
-from sgjax.data import sources
+from sgjax.data import pipeline, sources
 from sgjax.guidance import GuidanceConfig
 from sgjax.metrics import npz
 from tests import helpers
@@ -126,6 +126,20 @@ def test_interrupted_precompute_resumes_with_every_image_exactly_once(tmp_path, 
     latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, shard_size=4)
 
 
+def test_posterior_shards_refuse_flipping_latents(tmp_path):
+  source = image_folder(tmp_path / "images", per_class=1, corrupt=False)
+  out = str(tmp_path / "latents")
+  latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, batch_size=8)
+  shards = sources.LatentSource(os.path.join(out, "train-*.array_record"), 0.18215)
+  with pytest.raises(ValueError, match="data.flip=True would flip latents"):
+    pipeline.make_iterator(shards, global_batch=2, seed=0, flip=True)
+  # Each visit of an example draws another latent from its posterior.
+  batches = pipeline.make_iterator(shards, global_batch=2, seed=0)
+  first, second = next(batches), next(batches)
+  np.testing.assert_array_equal(np.sort(first["label"]), np.sort(second["label"]))
+  assert np.abs(np.sort(first["image"].ravel()) - np.sort(second["image"].ravel())).max() > 0
+
+
 def test_bad_inputs_fail_before_any_work(tmp_path):
   os.makedirs(tmp_path / "empty" / "class_a")
   with pytest.raises(ValueError, match="holds no images"):
@@ -155,14 +169,19 @@ def test_precompute_stopped_by_a_signal_and_rerun_holds_every_image_once(tmp_pat
   out = str(tmp_path / "latents")
   command = [sys.executable, "-m", "sgjax.latents", f"--source={source}", f"--vae={VAE_DIR}",
              f"--out={out}", f"--resolution={RESOLUTION}", "--shard_size=8", "--batch_size=8"]
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  log = open(tmp_path / "first_run.log", "w")
+  process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   complete = lambda: glob.glob(os.path.join(out, "train-*.array_record"))
   deadline = time.monotonic() + 300
   while not complete() and process.poll() is None and time.monotonic() < deadline:
     time.sleep(0.005)
+  # Frozen at once, so that the signal lands mid-run however fast the rest would go.
+  process.send_signal(signal.SIGSTOP)
+  done = len(complete())
   process.send_signal(signum)
+  process.send_signal(signal.SIGCONT)
   process.wait(timeout=60)
-  assert 0 < len(complete()) < 50, "the signal should land mid-run"
+  log.close()
+  assert 0 < done < 50, (tmp_path / "first_run.log").read_text()[-2000:]
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
   assert sorted(records(out)) == [(i, False) for i in range(400)]

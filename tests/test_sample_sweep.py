@@ -135,7 +135,7 @@ def test_sweep_checks_every_input_before_sampling(run, tmp_path):
   assert not os.path.exists(out)
 
 
-def test_run_on_vae_latents_samples_unscaled_latents_and_sweeps_refuse_it(tmp_path):
+def test_run_on_vae_latents_without_a_vae_samples_latents_and_sweeps_ask_for_it(tmp_path):
   shard = str(tmp_path / "train-00000.array_record")
   rng = np.random.default_rng(0)
   helpers.write_latent_shard(shard, rng.standard_normal((16, 8, 8, 4)).astype(np.float16),
@@ -154,7 +154,7 @@ def test_run_on_vae_latents_samples_unscaled_latents_and_sweeps_refuse_it(tmp_pa
   # The barely trained model returns near its initial N(0, 1) noise, in the model's units
   # (latents x 0.18215); the file holds the VAE's units.
   assert 4.0 < latents.std() < 7.0
-  with pytest.raises(ValueError, match="trained on VAE latents"):
+  with pytest.raises(ValueError, match="trained on VAE latents.*pass --vae=DIR"):
     sweep.run_sweep(workdir, sweep.parse_grid("rule=none"), str(tmp_path / "sweep"),
                     batch_size=8)
   assert not os.path.exists(tmp_path / "sweep")

@@ -64,6 +64,11 @@ def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
                      f" {shard_count} hosts.")
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if "std" in source[0]:
+    if flip:
+      raise ValueError("data.flip=True would flip latents drawn from VAE posteriors, and the"
+                       " latent of a flipped image is not the flipped latent: set"
+                       " data.flip=False and encode flipped copies with"
+                       " `python -m sgjax.latents --flip` instead.")
     ds = ds.random_map(_sample_posterior)
   if flip:
     ds = ds.random_map(_flip)
