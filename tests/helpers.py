@@ -1,9 +1,13 @@
-"""Small models and batches shared by the tests."""
+"""Small models, batches and data files shared by the tests."""
+
+import glob
+import io
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_record.python import array_record_module
+from array_record.python import array_record_data_source, array_record_module
 from flax import nnx
 
 from sgjax.data import sources
@@ -64,3 +68,29 @@ def random_inception_weights(seed: int = 0) -> dict[str, np.ndarray]:
     state[name] = value.astype(np.float32)
   state["fc.bias"] = np.zeros(inception.NUM_LOGITS, np.float32)  # in the file, unused
   return state
+
+
+def image_folder(root, per_class: int = 6, corrupt: bool = True) -> str:
+  """Two class folders of random PNGs of assorted sizes (and a broken file) -> folder:ROOT."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(("n01_cat", "n02_dog")):
+    os.makedirs(root / name)
+    for i in range(per_class):
+      size = (20 + 4 * (i % 6), 18 + 2 * c)  # other sizes and aspect ratios
+      Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(
+          root / name / f"{i}.png")
+  if corrupt:
+    (root / "n02_dog" / "broken.png").write_bytes(b"\x89PNG truncated")
+  return f"folder:{root}"
+
+
+def latent_records(out: str, field: str | None = None) -> list:
+  """(index, flipped) of every record of the shards in `out`, or the array `field` of each."""
+  items = []
+  for shard in sorted(glob.glob(os.path.join(out, "train-*.array_record"))):
+    source = array_record_data_source.ArrayRecordDataSource([shard])
+    for i in range(len(source)):
+      raw = np.load(io.BytesIO(source[i]))
+      items.append((int(raw["index"]), bool(raw["flipped"])) if field is None else raw[field])
+  return items

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from sgjax import checkpoint, distributed, guidance as guidance_lib, sample, train
+from sgjax import checkpoint, distributed, guidance as guidance_lib, latents, sample, train
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "multiprocess_local.sh")
@@ -309,3 +310,25 @@ def test_two_process_sampling_writes_the_images_of_one_process(killed_and_restar
   np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
   with open(os.path.join(out_two, "sampling.json")) as f:
     assert json.load(f)["devices"] == 8
+
+
+@pytest.mark.slow
+def test_two_processes_precompute_latents_each_image_once_as_one_process_does(tmp_path):
+  source = helpers.image_folder(tmp_path / "images", per_class=9)
+  vae_dir = os.path.join(ROOT, "tests", "parity", "fixtures", "vae", "vae")
+  flags = [f"--source={source}", f"--vae={vae_dir}", "--resolution=16", "--shard_size=5",
+           "--batch_size=8", "--flip"]
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  code, log = Launch(tmp_path / "logs", "sgjax.latents", f"--out={two}", *flags).wait(240)
+  assert code == 0, log
+  latents.precompute(source, vae_dir, one, resolution=16, shard_size=5, batch_size=8,
+                     flip=True)
+  # 18 readable images and their flips in 8 shards, split between the hosts.
+  assert helpers.latent_records(two) == helpers.latent_records(one)
+  assert sorted(helpers.latent_records(two)) == [(i, f) for i in range(18)
+                                                 for f in (False, True)]
+  np.testing.assert_allclose(np.stack(helpers.latent_records(two, "mean")),
+                             np.stack(helpers.latent_records(one, "mean")), atol=1e-5)
+  with open(os.path.join(two, "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["num_shards"] == 8 and manifest["num_unreadable"] == 1

@@ -2,7 +2,6 @@
 decode -> ADM metrics, with a tiny random VAE (diffusers' layout); resumption; bad input."""
 
 import glob
-import io
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+import tensorflow_datasets as tfds
 
 from configs import imagenet256
 from sgjax import latents, sample, sweep, train
@@ -28,31 +27,8 @@ VAE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity", "fi
 RESOLUTION = 16  # the tiny VAE halves it: 8 x 8 x 4 latents
 
 
-def image_folder(root, per_class=6, corrupt=True):
-  rng = np.random.default_rng(0)
-  for c, name in enumerate(("n01_cat", "n02_dog")):
-    os.makedirs(root / name)
-    for i in range(per_class):
-      size = (20 + 4 * (i % 6), 18 + 2 * c)  # other sizes and aspect ratios
-      Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(
-          root / name / f"{i}.png")
-  if corrupt:
-    (root / "n02_dog" / "broken.png").write_bytes(b"\x89PNG truncated")
-  return f"folder:{root}"
-
-
-def records(out):
-  items = []
-  for shard in sorted(glob.glob(os.path.join(out, "train-*.array_record"))):
-    source = sources.LatentSource(shard, 1.0)
-    for i in range(len(source)):
-      raw = np.load(io.BytesIO(source._source[i]))  # pylint: disable=protected-access
-      items.append((int(raw["index"]), bool(raw["flipped"])))
-  return items
-
-
 def test_image_folder_to_metrics_with_our_commands_only(tmp_path):
-  source = image_folder(tmp_path / "images")
+  source = helpers.image_folder(tmp_path / "images")
   out = str(tmp_path / "latents")
   manifest = latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, flip=True,
                                 shard_size=8, batch_size=8)
@@ -63,7 +39,7 @@ def test_image_folder_to_metrics_with_our_commands_only(tmp_path):
   assert manifest["class_names"] == ["n01_cat", "n02_dog"]
   assert manifest["latent_shape"] == [8, 8, 4] and manifest["scaling_factor"] == 0.18215
   # broken.png sorts last: images 0..11 are the readable ones, each once, flipped once.
-  assert sorted(records(out)) == [(i, f) for i in range(12) for f in (False, True)]
+  assert sorted(helpers.latent_records(out)) == [(i, f) for i in range(12) for f in (False, True)]
 
   # Training draws a new latent from each posterior every time it sees the example.
   config = imagenet256.get_config("runlocal")
@@ -99,7 +75,7 @@ def test_image_folder_to_metrics_with_our_commands_only(tmp_path):
 
 
 def test_interrupted_precompute_resumes_with_every_image_exactly_once(tmp_path, monkeypatch):
-  source = image_folder(tmp_path / "images", corrupt=False)
+  source = helpers.image_folder(tmp_path / "images", corrupt=False)
   out = str(tmp_path / "latents")
   real = latents._encode_shard  # pylint: disable=protected-access
   calls = []
@@ -120,14 +96,14 @@ def test_interrupted_precompute_resumes_with_every_image_exactly_once(tmp_path, 
   monkeypatch.setattr(latents, "_encode_shard", real)
   manifest = latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, shard_size=5,
                                 batch_size=8)
-  assert sorted(records(out)) == [(i, False) for i in range(12)]
+  assert sorted(helpers.latent_records(out)) == [(i, False) for i in range(12)]
   assert manifest["num_records"] == 12 and manifest["num_shards"] == 3
   with pytest.raises(ValueError, match="other settings"):
     latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, shard_size=4)
 
 
 def test_posterior_shards_refuse_flipping_latents(tmp_path):
-  source = image_folder(tmp_path / "images", per_class=1, corrupt=False)
+  source = helpers.image_folder(tmp_path / "images", per_class=1, corrupt=False)
   out = str(tmp_path / "latents")
   latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, batch_size=8)
   shards = sources.LatentSource(os.path.join(out, "train-*.array_record"), 0.18215)
@@ -140,13 +116,25 @@ def test_posterior_shards_refuse_flipping_latents(tmp_path):
   assert np.abs(np.sort(first["image"].ravel()) - np.sort(second["image"].ravel())).max() > 0
 
 
+def test_tfds_images_are_encoded_with_their_labels(tmp_path):
+  out = str(tmp_path / "latents")
+  with tfds.testing.mock_data(num_examples=5):
+    collection = images_lib.open_images("tfds:mnist:train")
+    manifest = latents.precompute("tfds:mnist:train", VAE_DIR, out, resolution=RESOLUTION,
+                                  batch_size=8)
+    labels = [collection.labels[i] for i in range(5)]
+  assert manifest["num_records"] == 5 and len(manifest["class_names"]) == 10
+  assert [int(label) for label in helpers.latent_records(out, "label")] == labels
+  assert helpers.latent_records(out, "mean")[0].shape == (8, 8, 4)
+
+
 def test_bad_inputs_fail_before_any_work(tmp_path):
   os.makedirs(tmp_path / "empty" / "class_a")
   with pytest.raises(ValueError, match="holds no images"):
     latents.precompute(f"folder:{tmp_path / 'empty'}", VAE_DIR, str(tmp_path / "out"))
   with pytest.raises(ValueError, match="expected folder:DIR or tfds"):
     images_lib.open_images("imagenet")
-  source = image_folder(tmp_path / "images", per_class=1, corrupt=False)
+  source = helpers.image_folder(tmp_path / "images", per_class=1, corrupt=False)
   with pytest.raises(FileNotFoundError, match="has no config.json"):
     latents.precompute(source, str(tmp_path), str(tmp_path / "out"))
   with pytest.raises(ValueError, match="not a multiple of the VAE's downsampling factor 2"):
@@ -165,7 +153,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
 def test_precompute_stopped_by_a_signal_and_rerun_holds_every_image_once(tmp_path, signum):
-  source = image_folder(tmp_path / "images", per_class=200, corrupt=False)
+  source = helpers.image_folder(tmp_path / "images", per_class=200, corrupt=False)
   out = str(tmp_path / "latents")
   command = [sys.executable, "-m", "sgjax.latents", f"--source={source}", f"--vae={VAE_DIR}",
              f"--out={out}", f"--resolution={RESOLUTION}", "--shard_size=8", "--batch_size=8"]
@@ -184,4 +172,4 @@ def test_precompute_stopped_by_a_signal_and_rerun_holds_every_image_once(tmp_pat
   log.close()
   assert 0 < done < 50, (tmp_path / "first_run.log").read_text()[-2000:]
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
-  assert sorted(records(out)) == [(i, False) for i in range(400)]
+  assert sorted(helpers.latent_records(out)) == [(i, False) for i in range(400)]
