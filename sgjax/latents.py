@@ -153,7 +153,8 @@ def _check_same_run(out: str, spec: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if saved != json.loads(json.dumps(spec)):
+    spec = json.loads(json.dumps(spec))  # tuples as lists, as saved
+    if saved != spec:
       changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
       raise ValueError(f"--out={out!r} holds latents made with other settings ({changed});"
                        " use another folder or the same settings to resume.")

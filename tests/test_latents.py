@@ -98,7 +98,7 @@ def test_interrupted_precompute_resumes_with_every_image_exactly_once(tmp_path, 
                                 batch_size=8)
   assert sorted(helpers.latent_records(out)) == [(i, False) for i in range(12)]
   assert manifest["num_records"] == 12 and manifest["num_shards"] == 3
-  with pytest.raises(ValueError, match="other settings"):
+  with pytest.raises(ValueError, match=r"other settings \(\['shard_size'\]\)"):
     latents.precompute(source, VAE_DIR, out, resolution=RESOLUTION, shard_size=4)
 
 
