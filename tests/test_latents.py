@@ -10,7 +10,9 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+# Imported here, not lazily inside a test: Python 3.11's parser can fail ("AST constructor
+# recursion depth mismatch") when pytest rewrites a module imported deep in a call stack.
+from tensorflow_datasets.testing import mocking as tfds_mocking
 
 from configs import imagenet256
 from sgjax import latents, sample, sweep, train
@@ -118,7 +120,7 @@ def test_posterior_shards_refuse_flipping_latents(tmp_path):
 
 def test_tfds_images_are_encoded_with_their_labels(tmp_path):
   out = str(tmp_path / "latents")
-  with tfds.testing.mock_data(num_examples=5):
+  with tfds_mocking.mock_data(num_examples=5):
     collection = images_lib.open_images("tfds:mnist:train")
     manifest = latents.precompute("tfds:mnist:train", VAE_DIR, out, resolution=RESOLUTION,
                                   batch_size=8)
