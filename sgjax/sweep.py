@@ -16,7 +16,6 @@ against GFLOPs per image with the Pareto front marked.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import os

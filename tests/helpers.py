@@ -5,7 +5,6 @@ import io
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 from flax import nnx

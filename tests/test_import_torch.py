@@ -8,7 +8,6 @@ import os
 import shlex
 
 import chex
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
