@@ -6,8 +6,9 @@ import dataclasses
 from typing import Any, Mapping
 
 from sgjax import flow
-from sgjax.models import dit, vae
+from sgjax.models import registry, vae
 from sgjax.sparsity import Route
+from sgjax.text import conditioning
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
@@ -32,24 +33,31 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
   return out
 
 
-def model_config(model: Mapping[str, Any]) -> dit.DiTConfig:
-  """config.model (a ConfigDict or dict) -> validated DiTConfig.
+def model_config(model: Mapping[str, Any]) -> registry.ModelConfig:
+  """config.model (a ConfigDict or dict) -> its validated architecture config
+  (`sgjax.models.registry`).
 
-  `name` is informational; `routes` is a sequence of (start, end, gamma).
+  `arch` picks the architecture (default "dit"); `name` is informational; `routes` is a
+  sequence of (start, end, gamma).
   """
   fields = dict(model)
   fields.pop("name", None)
-  known = {f.name for f in dataclasses.fields(dit.DiTConfig)}
+  arch = fields.pop("arch", "dit")
+  if arch not in registry.ARCHS:
+    raise ValueError(f"model.arch={arch!r}: choose one of {sorted(registry.ARCHS)}.")
+  config_class = registry.ARCHS[arch][0]
+  known = {f.name for f in dataclasses.fields(config_class)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"config.model has unknown field(s) {unknown}; known: {sorted(known)}.")
+    raise ValueError(f"config.model has unknown field(s) {unknown} for model.arch={arch!r};"
+                     f" known: {sorted(known)}.")
   routes = []
   for i, route in enumerate(fields.get("routes", ())):
     if len(route) != 3:
       raise ValueError(f"model.routes[{i}]={route!r}: expected (start, end, gamma).")
     routes.append(Route(int(route[0]), int(route[1]), float(route[2])))
   fields["routes"] = tuple(routes)
-  return dit.DiTConfig(**fields).validate()
+  return config_class(**fields).validate()
 
 
 # Fields that may differ when a run resumes from its workdir (logged, not refused).
@@ -63,7 +71,7 @@ RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_eve
 
 # Fields added after runs were first written, with the value those runs had (the model's
 # default): a config without the field compares as if it had it.
-ADDED_FIELDS = {"model.time_scale": 1000.0}
+ADDED_FIELDS = {"model.time_scale": 1000.0, "model.arch": "dit"}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,7 +117,12 @@ def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 def validate(config) -> None:
   """Checks a full training config before anything is compiled."""
-  model_config(config.model)
+  model_cfg = model_config(config.model)
+  if model_cfg.text_conditioned:
+    if "text" not in config:
+      raise ValueError("a text-to-image model (model.arch='trdit') needs config.text (its"
+                       " encoder); see configs/t2i.py.")
+    conditioning.make_encoder(config.text, model_cfg)
   flow.LossConfig(**config.flow).validate()
   train = config.train
   for name in ("batch_size", "steps", "log_every", "ckpt_every", "keep_ckpts"):

@@ -91,6 +91,8 @@ def block_tokens(cfg: dit.DiTConfig, gamma: float | None = None) -> list[int]:
 
 def forward_flops(cfg: dit.DiTConfig, gamma: float | None = None) -> Flops:
   """FLOPs per image of one forward pass; gamma=None uses the config's training rates."""
+  if cfg.text_conditioned:
+    return _trdit_forward_flops(cfg, gamma)
   n, w = cfg.num_tokens, cfg.width
   tokens = block_tokens(cfg, gamma)
   total = (_linear(n, cfg.patch_dim, w) + _linear(1, dit.TIME_FREQUENCIES, w)
@@ -105,6 +107,26 @@ def forward_flops(cfg: dit.DiTConfig, gamma: float | None = None) -> Flops:
     for _ in range(cfg.decoder_depth):
       total += _block(n, out_width, cfg.mlp_ratio, w)
   return total + _linear(1, w, 2 * out_width) + _linear(n, out_width, cfg.patch_dim)
+
+
+def _attention(queries: int, keys: int, width: int) -> Flops:
+  return Flops(true=2.0 * 2.0 * queries * keys * width, paper=0.0)
+
+
+def _trdit_forward_flops(cfg, gamma: float | None) -> Flops:
+  """`forward_flops` of a TR-DiT (`sgjax.models.trdit`): the text refiner runs on all
+  `text_length` tokens, padding included (static shapes), and every block's cross-attention
+  projects the whole text to keys and values."""
+  n, w, length, hidden = cfg.num_tokens, cfg.width, cfg.text_length, cfg.mlp_hidden
+  swiglu = lambda tokens: 2 * _linear(tokens, w, hidden) + _linear(tokens, hidden, w)
+  total = (_linear(n, cfg.patch_dim, w) + _linear(1, dit.TIME_FREQUENCIES, w)
+           + _linear(1, w, w) + _linear(1, w, 6 * w) + _linear(length, cfg.text_width, w))
+  for _ in range(cfg.refiner_depth):
+    total += 4 * _linear(length, w, w) + _attention(length, length, w) + swiglu(length)
+  for k in block_tokens(cfg, gamma):
+    total += 4 * _linear(k, w, w) + _attention(k, k, w) + swiglu(k)  # self-attention, SwiGLU
+    total += 2 * _linear(k, w, w) + 2 * _linear(length, w, w) + _attention(k, length, w)
+  return total + _linear(1, w, 2 * w) + _linear(n, w, cfg.patch_dim)
 
 
 def report(cfg: dit.DiTConfig, gamma: float | None, name: str = "") -> dict:
@@ -143,6 +165,8 @@ def shared_branch_flops(cfg: dit.DiTConfig, gamma_strong: float, gamma_weak: flo
   calls, which share nothing inside the sampling loop. True step FLOPs subtract the shared
   work; the paper convention (Table 2) counts both branches in full: its `paper` part is 0.
   """
+  if cfg.text_conditioned:  # TR-DiT evaluates each branch in its own forward pass
+    return Flops(0.0, 0.0)
   n, w = cfg.num_tokens, cfg.width
   kept = [min(block_tokens(cfg, gamma)) for gamma in (gamma_strong, gamma_weak)]
   if same_labels and kept == [n, n]:

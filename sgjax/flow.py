@@ -1,4 +1,4 @@
-"""Flow matching: interpolant, velocity target, time sampling, losses, label dropout.
+"""Flow matching: interpolant, velocity target, time sampling, losses, condition dropout.
 
 Time convention (used everywhere in sgjax): t = 0 is pure noise, t = 1 is data.
     x_t = (1 - t) * z + t * x,   z ~ N(0, I),   target velocity v* = x - z,
@@ -22,7 +22,8 @@ TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   time_dist: str = "logit_normal"
-  label_dropout: float = 0.1  # probability of replacing the label with the null class
+  # probability of replacing the conditioning by the null class / null caption
+  label_dropout: float = 0.1
   mask_weight: float = 0.1  # masking: lambda of the dropped-token term
 
   def validate(self, prefix: str = "flow") -> "LossConfig":
@@ -59,9 +60,14 @@ def sample_time(key: jax.Array, batch_size: int, dist: str = "logit_normal") -> 
   raise ValueError(f"time_dist={dist!r}: choose one of {TIME_DISTRIBUTIONS}.")
 
 
-def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_label: int) -> jax.Array:
-  """Replaces each label by `null_label` with probability `prob` (guidance dropout)."""
-  return jnp.where(jax.random.bernoulli(key, prob, y.shape), null_label, y)
+def drop_condition(key: jax.Array, cond, null, prob: float):
+  """Replaces each sample's conditioning by the unconditional `null` (same structure) with
+  probability `prob` (guidance dropout). cond and null: arrays or pytrees with a leading
+  batch axis [B, ...]: class labels, or a caption's hidden states and mask."""
+  batch = jax.tree.leaves(cond)[0].shape[0]
+  drop = jax.random.bernoulli(key, prob, (batch,))
+  return jax.tree.map(
+      lambda c, n: jnp.where(drop.reshape((batch,) + (1,) * (c.ndim - 1)), n, c), cond, null)
 
 
 def velocity_mse(v: jax.Array, target: jax.Array) -> jax.Array:
@@ -85,19 +91,20 @@ def masked_velocity_loss(v: jax.Array, target: jax.Array, t: jax.Array, kept: ja
   return kept_term + mask_weight * dropped_term
 
 
-def loss_fn(model: dit.DiT, x: jax.Array, y: jax.Array, key: jax.Array,
+def loss_fn(model: dit.DiT, x: jax.Array, y, key: jax.Array,
             loss_cfg: LossConfig) -> jax.Array:
   """The training loss of one batch at the model's configured (training) sparsity.
 
-  x: [B, H, W, C] data, y: [B] labels. Every random choice (time, noise, label dropout,
-  token subsets) comes from `key`.
+  x: [B, H, W, C] data; y: the conditioning, [B] labels (DiT) or a caption's hidden states
+  and mask (`sgjax.models.trdit`). Every random choice (time, noise, label dropout, token
+  subsets) comes from `key`.
   """
   cfg = model.cfg
   batch = x.shape[0]
   k_time, k_noise, k_label, k_tokens = jax.random.split(key, 4)
   t = sample_time(k_time, batch, loss_cfg.time_dist)
   noise = jax.random.normal(k_noise, x.shape, jnp.float32)
-  y = drop_labels(k_label, y, loss_cfg.label_dropout, cfg.num_classes)
+  y = drop_condition(k_label, y, model.null_condition(y), loss_cfg.label_dropout)
   subsets = model.draw_subsets(k_tokens, batch)
   v = model(interpolate(x, noise, t), t, y, subsets)
   target = target_velocity(x, noise)

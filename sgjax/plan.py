@@ -79,7 +79,12 @@ def activation_bytes(graphdef, params: Any, model_cfg, loss_cfg: flow.LossConfig
 
   images = jax.ShapeDtypeStruct(
       (batch, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels), jnp.float32)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  if model_cfg.text_conditioned:  # a caption's hidden states and mask
+    labels = {"text": jax.ShapeDtypeStruct(
+                  (batch, model_cfg.text_length, model_cfg.text_width), jnp.float32),
+              "mask": jax.ShapeDtypeStruct((batch, model_cfg.text_length), jnp.bool_)}
+  else:
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   key = jax.eval_shape(lambda: jax.random.key(0))
   plain = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
   saved = jax.eval_shape(residuals, plain, images, labels, key)

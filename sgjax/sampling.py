@@ -186,7 +186,8 @@ def branch_velocity(model: dit.DiT, aux_model: dit.DiT | None, rule: str, segmen
                     nested: bool = False) -> jax.Array:
   """The guided velocity of one evaluation at a segment's sparsity. Traceable.
 
-  x: [B, H, W, C], t: [B], labels: [B] int; key: this evaluation's key. Not validated:
+  x: [B, H, W, C], t: [B], labels: [B] int, or a text-to-image model's caption condition
+  (`sgjax.models.trdit`); key: this evaluation's key. Not validated:
   `make_plan` / `GuidanceConfig.validate` check settings, so invariants such as
   gamma_strong == gamma_weak can be tested here.
   """
@@ -196,8 +197,12 @@ def branch_velocity(model: dit.DiT, aux_model: dit.DiT | None, rule: str, segmen
   if segment.gamma_weak is None:
     return model(x, t, labels, strong_subsets)
   weak_model = aux_model if rule in guidance_lib.AUX_RULES else model
-  labels_weak = guidance_lib.weak_labels(rule, labels, jax.random.fold_in(key, _ICG_LABEL),
-                                         model.cfg.num_classes)
+  if model.cfg.text_conditioned:  # cfg rules: the null caption; sg: the same caption
+    labels_weak = (model.null_condition(labels) if rule in guidance_lib.NULL_LABEL_RULES
+                   else labels)
+  else:
+    labels_weak = guidance_lib.weak_labels(rule, labels, jax.random.fold_in(key, _ICG_LABEL),
+                                           model.cfg.num_classes)
   # nested: the same key gives the same random permutation per route, whose first K_weak
   # entries are a subset of its first K_strong (or the other way round).
   key_weak = key_strong if nested else jax.random.fold_in(key, _WEAK)
@@ -210,7 +215,7 @@ def branch_velocity(model: dit.DiT, aux_model: dit.DiT | None, rule: str, segmen
     # Other labels, equal shapes (cfg, icg): one call over a leading branch axis. x and t
     # stay unbatched, so the work on them is done once.
     forward = jax.vmap(lambda y, subsets: model(x, t, y, subsets), axis_size=2)
-    v = forward(jnp.stack([labels, labels_weak]), _stack(strong_subsets, weak_subsets))
+    v = forward(_stack(labels, labels_weak), _stack(strong_subsets, weak_subsets))
     v_strong, v_weak = v[0], v[1]
   else:
     v_strong = model(x, t, labels, strong_subsets)
@@ -238,13 +243,14 @@ def _programs(graphdef, aux_graphdef, rule: str, plan_key: tuple, nested: bool,
   def sample_fn(states, labels, key, omega):
     model, aux = merge(states)
     cfg = model.cfg
-    shape = (labels.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
+    batch = jax.tree.leaves(labels)[0].shape[0]
+    shape = (batch, cfg.input_size, cfg.input_size, cfg.in_channels)
     x = jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32)
     if out_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, out_sharding)
 
     def velocity(x, t, step, stage, segment):
-      t = jnp.broadcast_to(t, labels.shape)
+      t = jnp.broadcast_to(t, (batch,))
       return branch_velocity(model, aux, rule, segment, x, t, labels,
                              _evaluation_key(key, step, stage), omega, nested)
 
@@ -256,6 +262,20 @@ def _programs(graphdef, aux_graphdef, rule: str, plan_key: tuple, nested: bool,
 
   return (jax.jit(sample_fn, out_shardings=out_sharding),
           jax.jit(velocity_fn, static_argnames=("segment",)))
+
+
+def _check_text_condition(cond, cfg) -> dict[str, jax.Array]:
+  """A caption condition {"text" [B, L, D], "mask" [B, L]} checked against the model."""
+  if not isinstance(cond, dict) or set(cond) != {"text", "mask"}:
+    raise ValueError("a text-to-image model samples from captions: pass {'text': hidden"
+                     " states [B, L, D], 'mask': [B, L]} (sgjax.text.conditioning."
+                     "encode_captions), not class labels.")
+  text, mask = jnp.asarray(cond["text"], jnp.float32), jnp.asarray(cond["mask"], bool)
+  if text.shape[1:] != (cfg.text_length, cfg.text_width) or mask.shape != text.shape[:2]:
+    raise ValueError(f"text hidden states {text.shape} and mask {mask.shape}: the model takes"
+                     f" [B, {cfg.text_length}, {cfg.text_width}] and [B, {cfg.text_length}]"
+                     " (model.text_length, model.text_width).")
+  return {"text": text, "mask": mask}
 
 
 class Sampler:
@@ -272,16 +292,21 @@ class Sampler:
       raise ValueError(f"guidance.rule={guidance.rule!r} "
                        + ("needs an aux_model (the weak branch's model)." if guidance.uses_aux
                           else f"takes no aux_model; only {guidance_lib.AUX_RULES} use one."))
+    if model.cfg.text_conditioned and guidance.rule == "icg":
+      raise ValueError("guidance rule 'icg' draws random class labels; a text-to-image model"
+                       " takes none, cfg, sg, cfg+sg, ag or ag+sg.")
     if aux_model is not None:
-      for name in ("input_size", "in_channels", "num_classes"):
-        if getattr(aux_model.cfg, name) != getattr(model.cfg, name):
-          raise ValueError(f"aux_model.cfg.{name}={getattr(aux_model.cfg, name)} differs from"
-                           f" the main model's {getattr(model.cfg, name)}.")
+      names = (("input_size", "in_channels", "text_length", "text_width")
+               if model.cfg.text_conditioned else ("input_size", "in_channels", "num_classes"))
+      for name in names:
+        if getattr(aux_model.cfg, name, None) != getattr(model.cfg, name):
+          raise ValueError(f"aux_model.cfg.{name}={getattr(aux_model.cfg, name, None)} differs"
+                           f" from the main model's {getattr(model.cfg, name)}.")
     self.guidance = guidance
     self.plan = make_plan(model.cfg, guidance, steps=steps, solver=solver,
                           aux_cfg=None if aux_model is None else aux_model.cfg)
     self.mesh = mesh
-    self.num_classes = model.cfg.num_classes
+    self.model_cfg = model.cfg
     graphdef, state = nnx.split(model)
     aux_graphdef, aux_state = (None, None) if aux_model is None else nnx.split(aux_model)
     self._states = (state, aux_state)
@@ -293,19 +318,24 @@ class Sampler:
                       " device count, but every device generates the full batch's noise.")
 
   def _inputs(self, labels, key):
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.ndim != 1:
-      raise ValueError(f"labels.shape={labels.shape}: expected [B].")
-    values = np.asarray(labels)  # the sampler is called from the host, never under jit
-    if values.size and (values.min() < 0 or values.max() >= self.num_classes):
-      raise ValueError(f"labels must lie in [0, {self.num_classes}) (class-conditional"
-                       f" sampling); got values in [{values.min()}, {values.max()}].")
+    cfg = self.model_cfg
+    if cfg.text_conditioned:
+      labels = _check_text_condition(labels, cfg)
+    else:
+      labels = jnp.asarray(labels, jnp.int32)
+      if labels.ndim != 1:
+        raise ValueError(f"labels.shape={labels.shape}: expected [B].")
+      values = np.asarray(labels)  # the sampler is called from the host, never under jit
+      if values.size and (values.min() < 0 or values.max() >= cfg.num_classes):
+        raise ValueError(f"labels must lie in [0, {cfg.num_classes}) (class-conditional"
+                         f" sampling); got values in [{values.min()}, {values.max()}].")
     if isinstance(key, int):
       key = jax.random.key(key)
     if self.mesh is not None:
       devices = sharding.data_parallel_size(self.mesh)
-      if labels.shape[0] % devices:
-        raise ValueError(f"batch size {labels.shape[0]} must be divisible by the {devices}"
+      batch = jax.tree.leaves(labels)[0].shape[0]
+      if batch % devices:
+        raise ValueError(f"batch size {batch} must be divisible by the {devices}"
                          " data-parallel devices of the mesh.")
       labels = jax.device_put(labels, sharding.batch_sharding(self.mesh))
     return labels, key, jnp.float32(self.guidance.omega)
@@ -315,7 +345,8 @@ class Sampler:
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def __call__(self, labels: jax.Array, key: jax.Array | int) -> jax.Array:
-    """labels: [B] int, key: the sample seed -> images [B, H, W, C] float32 at t = 1."""
+    """labels: [B] int (or a text model's caption condition), key: the sample seed -> images
+    [B, H, W, C] float32 at t = 1."""
     with self._traced_in_mesh():
       return self._sample(self._states, *self._inputs(labels, key))
 

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # Every logical axis the models use; those a preset does not map stay replicated.
-LOGICAL_AXES = ("embed", "mlp", "heads", "adaln", "classes", "patch", "freq")
+LOGICAL_AXES = ("embed", "mlp", "heads", "adaln", "classes", "patch", "freq", "text")
 _PRESET_RULES = {
     "data": {},
     "fsdp": {"embed": "fsdp"},

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from sgjax import checkpoint, config as config_lib, distributed, flow, logs, sample, sharding
 from sgjax import train_state
 from sgjax.data import pipeline, sources
+from sgjax.text import conditioning
 
 FLAGS = flags.FLAGS
 # sysexits' EX_TEMPFAIL: stopped early with a checkpoint; rerunning the command resumes.
@@ -101,6 +102,16 @@ def prepare_workdir(config, workdir: str, saved: dict | None, step: int | None =
     checkpoint.write_config_json(workdir, current)
 
 
+def check_batch(batch: dict, model_cfg, where: str) -> None:
+  """Raises ValueError, naming the problem, when a host batch does not fit the model."""
+  image_shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+  if model_cfg.text_conditioned:
+    pipeline.check_batch(batch, image_shape, None, where)
+    conditioning.check_batch(batch, model_cfg, where)
+  else:
+    pipeline.check_batch(batch, image_shape, model_cfg.num_classes, where)
+
+
 def check_batch_size(batch_size: int, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
   if batch_size % dp or batch_size % jax.process_count():
@@ -128,10 +139,14 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   start = ckpt.latest_step()
   prepare_workdir(config, workdir, None if start is None else ckpt.restore_config(start), start)
   source = sources.make_source(config.data, "train", model_cfg)
-  image_shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
-  first = source[0]
-  pipeline.check_batch({"image": np.asarray(first["image"])[None], "label": [first["label"]]},
-                       image_shape, model_cfg.num_classes, "the dataset's first example")
+  condition = train_state.label_condition
+  if model_cfg.text_conditioned:
+    encoder = conditioning.make_encoder(config.text, model_cfg)
+    if encoder is not None:
+      source = conditioning.TokenizedSource(source, encoder)
+    condition = conditioning.condition_fn(encoder)
+  check_batch({k: np.asarray(v)[None] for k, v in source[0].items()}, model_cfg,
+              "the dataset's first example")
 
   # Abstract init -> shardings -> state, fresh or restored.
   tx = train_state.make_optimizer(optim_cfg)
@@ -152,7 +167,8 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       train_state.make_train_step(graphdef, tx, loss_cfg, optim_cfg.ema_decay,
-                                  jax.random.fold_in(jax.random.key(config.seed), 1)),
+                                  jax.random.fold_in(jax.random.key(config.seed), 1),
+                                  condition),
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -160,8 +176,10 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                              batch_size=config.train.batch_size,
                              tokens_per_image=model_cfg.num_tokens,
                              enabled=jax.process_index() == 0)
-  # EMA sample grids while training; latents would need the VAE to become pictures.
-  previews = config.train.sample_every > 0 and sample.latent_scale_of(config) is None
+  # EMA sample grids of class-conditional runs while training; latents would need the VAE
+  # to become pictures.
+  previews = (config.train.sample_every > 0 and sample.latent_scale_of(config) is None
+              and not model_cfg.text_conditioned)
   preemption = Preemption(batch_sharding, config.train.batch_size // jax.process_count())
   pending, last = [], {}
   last_saved, preempted = start, False
@@ -171,7 +189,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
       for step in range(start + 1, config.train.steps + 1):
         local = next(data_iter)
         # Cheap on the host; an out-of-range label would silently turn into NaN embeddings.
-        pipeline.check_batch(local, image_shape, model_cfg.num_classes, f"batch of step {step}")
+        check_batch(local, model_cfg, f"batch of step {step}")
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)

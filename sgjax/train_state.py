@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sgjax import flow, sharding
-from sgjax.models import dit
+from sgjax.models import registry
 
 State = dict[str, Any]
 
@@ -57,13 +57,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   return optax.chain(clip, adamw)
 
 
-def make_model_fn(model_cfg: dit.DiTConfig, seed: int) -> Callable[[], dit.DiT]:
+def make_model_fn(model_cfg: registry.ModelConfig, seed: int) -> Callable[[], registry.Model]:
   # Parameters come from the config's seed alone, whatever the mesh.
-  return lambda: dit.DiT(model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(
+  return lambda: registry.build(model_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(
       jax.random.key(seed), 0)))
 
 
-def abstract_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, mesh: Mesh,
+def abstract_state(model_cfg: registry.ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                    preset: str, seed: int = 0):
   """(graphdef, abstract state with shardings, shardings): nothing is allocated."""
   graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model_fn(model_cfg, seed)))
@@ -84,7 +84,7 @@ def abstract_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, m
   return graphdef, abstract, shardings
 
 
-def init_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation,
+def init_state(model_cfg: registry.ModelConfig, tx: optax.GradientTransformation,
                shardings: State, seed: int = 0) -> State:
   """A fresh state, created by one jitted program straight into its shardings."""
   make_model = make_model_fn(model_cfg, seed)
@@ -97,16 +97,23 @@ def init_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation,
   return jax.jit(init, out_shardings=shardings)()
 
 
+def label_condition(batch: dict[str, jax.Array]) -> jax.Array:
+  """The conditioning of a class-conditional batch: its labels."""
+  return batch["label"]
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: flow.LossConfig,
-                    ema_decay: float, base_key: jax.Array):
+                    ema_decay: float, base_key: jax.Array, condition=label_condition):
   """train_step(state, batch) -> (state, metrics); every random choice of step s comes from
-  fold_in(base_key, s), so a resumed run replays exactly."""
+  fold_in(base_key, s), so a resumed run replays exactly. `condition(batch)` gives the
+  model's conditioning (labels, or a caption's hidden states: `sgjax.text`), traced inside
+  the step."""
 
   def train_step(state: State, batch: dict[str, jax.Array]):
     key = jax.random.fold_in(base_key, state["step"])
 
     def loss_of(params):
-      return flow.loss_fn(nnx.merge(graphdef, params), batch["image"], batch["label"], key,
+      return flow.loss_fn(nnx.merge(graphdef, params), batch["image"], condition(batch), key,
                           loss_cfg)
 
     loss, grads = jax.value_and_grad(loss_of)(state["params"])

@@ -11,7 +11,7 @@ from flax import nnx
 
 from sgjax.data import sources
 from sgjax.metrics import inception
-from sgjax.models import dit
+from sgjax.models import dit, registry
 from sgjax.sparsity import Route
 
 
@@ -24,10 +24,10 @@ def tiny_config(sparsity="routing", **overrides) -> dit.DiTConfig:
   return dit.DiTConfig(**fields)
 
 
-def perturbed_model(cfg: dit.DiTConfig, seed: int = 0) -> dit.DiT:
-  """A model whose zero-initialised layers (adaLN-Zero, final) are made non-zero, so that
-  every block affects the output."""
-  model = dit.DiT(cfg, rngs=nnx.Rngs(seed))
+def perturbed_model(cfg, seed: int = 0):
+  """A model (DiT or TR-DiT) whose zero-initialised layers (adaLN-Zero, final) are made
+  non-zero, so that every block affects the output."""
+  model = registry.build(cfg, rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

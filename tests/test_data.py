@@ -7,6 +7,8 @@ import tensorflow_datasets as tfds
 from configs import imagenet256
 from sgjax import train
 from sgjax.data import pipeline, sources
+from sgjax.models import trdit
+from sgjax.text import conditioning
 from tests import helpers
 
 
@@ -88,6 +90,29 @@ def test_latent_shards_round_trip_with_scale(tmp_path):
   assert got == want
   with pytest.raises(FileNotFoundError, match="matches no ArrayRecord shard"):
     sources.LatentSource(str(tmp_path / "missing-*"), scale=1.0)
+
+
+def test_caption_records_batch_their_hidden_states_and_masks(tmp_path):
+  """Precomputed text (t2i's scalable path): records hold a latent, its caption's hidden
+  states and mask, and no label; batches carry them to a model of matching shape."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  writer = array_record_module.ArrayRecordWriter(str(tmp_path / "t2i.array_record"),
+                                                 "group_size:1")
+  for i in range(8):
+    writer.write(sources.encode_latent_record(
+        rng.standard_normal((4, 4, 4)).astype(np.float16), None,
+        text=np.full((5, 6), i, np.float16), mask=np.arange(5) < 1 + i % 5))
+  writer.close()
+  source = sources.LatentSource(str(tmp_path / "*.array_record"), scale=1.0)
+  batch = next(pipeline.make_iterator(source, global_batch=4, seed=0))
+  assert set(batch) == {"image", "text", "mask"}
+  assert batch["text"].shape == (4, 5, 6) and batch["mask"].dtype == bool
+  np.testing.assert_array_equal(batch["mask"].sum(1), 1 + batch["text"][:, 0, 0] % 5)
+  model_cfg = trdit.TRDiTConfig(input_size=4, text_length=5, text_width=6)
+  conditioning.check_batch(batch, model_cfg, "batch")
+  with pytest.raises(ValueError, match=r"shape \(5, 6\), but the model takes \(5, 8\)"):
+    conditioning.check_batch(batch, trdit.TRDiTConfig(text_length=5, text_width=8), "batch")
 
 
 def test_tfds_source_reads_prepared_data_and_fails_fast_when_missing(tmp_path):

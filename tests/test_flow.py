@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +32,21 @@ def test_time_samples_lie_in_unit_interval(dist):
 
 def test_label_dropout_rate_and_null_label():
   y = jnp.zeros(20_000, jnp.int32)
-  dropped = flow.drop_labels(jax.random.key(0), y, 0.1, null_label=10)
+  dropped = flow.drop_condition(jax.random.key(0), y, jnp.full_like(y, 10), 0.1)
   assert set(np.unique(dropped)) == {0, 10}
   assert abs(float(jnp.mean(dropped == 10)) - 0.1) < 0.01
+
+
+def test_caption_dropout_replaces_whole_captions_together():
+  # A pytree condition: each sample's hidden states and mask are dropped together or kept.
+  batch = 4000
+  cond = {"text": jnp.ones((batch, 3, 2)), "mask": jnp.ones((batch, 3), bool)}
+  null = {"text": jnp.ones((batch, 3, 2)), "mask": jnp.zeros((batch, 3), bool)}
+  dropped = flow.drop_condition(jax.random.key(1), cond, null, 0.25)
+  chex.assert_trees_all_equal_shapes_and_dtypes(dropped, cond)
+  rows = np.asarray(dropped["mask"])
+  assert np.all(rows.all(-1) | ~rows.any(-1))  # never a partly cleared mask
+  assert abs(float(np.mean(~rows.any(-1))) - 0.25) < 0.03
 
 
 def test_masked_loss_weights_dropped_tokens_by_one_minus_t_squared():

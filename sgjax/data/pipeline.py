@@ -16,8 +16,10 @@ import numpy as np
 
 def _sample_posterior(item, rng: np.random.Generator):
   """z = mean + std * eps for an item that holds a VAE posterior (`std`)."""
+  item = dict(item)
   eps = rng.standard_normal(item["image"].shape, np.float32)
-  return {"image": item["image"] + item["std"] * eps, "label": item["label"]}
+  item["image"] = item["image"] + item.pop("std") * eps
+  return item
 
 
 def _flip(item, rng: np.random.Generator):
@@ -27,19 +29,27 @@ def _flip(item, rng: np.random.Generator):
 
 
 def _as_arrays(item):
-  return {"image": np.ascontiguousarray(item["image"], np.float32),
-          "label": np.int32(item["label"])}
+  """Images float32, labels int32, any other field (captions' tokens, text hidden states and
+  masks) as it is."""
+  out = {name: np.asarray(value) for name, value in item.items()}
+  out["image"] = np.ascontiguousarray(item["image"], np.float32)
+  if "label" in item:
+    out["label"] = np.int32(item["label"])
+  return out
 
 
-def check_batch(batch: dict, image_shape: tuple[int, int, int], num_classes: int,
+def check_batch(batch: dict, image_shape: tuple[int, int, int], num_classes: int | None,
                 where: str) -> None:
   """Raises ValueError, naming the problem, when a batch {"image": [B, H, W, C], "label": [B]}
-  does not fit a model taking `image_shape` images and labels in [0, num_classes)."""
+  does not fit a model taking `image_shape` images and labels in [0, num_classes)
+  (num_classes None: a text-to-image batch, whose text `sgjax.text.conditioning` checks)."""
   shape = tuple(np.shape(batch["image"])[1:])
   if shape != tuple(image_shape):
     raise ValueError(f"{where}: images of shape {shape}, but the model takes {image_shape}"
                      " (model.input_size x model.input_size x model.in_channels); set"
                      " data.image_size or the model to match.")
+  if num_classes is None:
+    return
   labels = np.asarray(batch["label"])
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f"{where}: labels in [{labels.min()}, {labels.max()}], but"
@@ -51,7 +61,8 @@ def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
                   start_step: int = 0, num_workers: int = 0, shard_index: int = 0,
                   shard_count: int = 1):
   """An endless iterator of this host's share of the global batches, from batch `start_step`:
-  {"image": [global_batch / shard_count, H, W, C] float32, "label": [...] int32}.
+  {"image": [global_batch / shard_count, H, W, C] float32, "label": [...] int32} (or, for
+  text-to-image sources, the caption's "tokens" or "text" and "mask" in place of "label").
 
   Each epoch is a fresh permutation of `source` (grain reseeds the shuffle per epoch); the
   latent drawn from a posterior and the flip are drawn per example from the seed and the

@@ -5,6 +5,8 @@
   download). A fixed split holds out 297 digits for evaluation; training uses the other 1500.
 - `tfds`: any image-classification dataset prepared with tensorflow-datasets, read through
   `tfds.data_source` (ArrayRecord, random access, no TensorFlow needed).
+- `scenes`: captioned scenes of two coloured digits (`sgjax.data.scenes`), items
+  {"image", "caption"}: the text-to-image demo.
 - `synthetic`: N(0, 1) images with uniform labels, a pure function of the index: for
   smoke runs and benchmarks on machines without the data.
 - `latents`: precomputed VAE latents in ArrayRecord shards. Record schema: each record is the
@@ -12,7 +14,9 @@
   VAE posterior, `mean` and `std` (float32 [H, W, C], unscaled; `python -m sgjax.latents`
   writes these, with the source `index`), from which training draws a fresh latent
   `mean + std * eps` per example and step (`sgjax.data.pipeline`), or one fixed `latent`
-  (float16 or float32 [H, W, C], unscaled). See `encode_latent_record`.
+  (float16 or float32 [H, W, C], unscaled). See `encode_latent_record`. Text-to-image records
+  hold, besides the latent, the caption's hidden states `text` (float [L, D] from a frozen
+  encoder, padded to L) and its `mask` (bool [L]); `label` is then optional.
 """
 
 from __future__ import annotations
@@ -110,13 +114,16 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   return out[..., None] if squeeze else out
 
 
-def encode_latent_record(latent: np.ndarray, label: int, **arrays) -> bytes:
+def encode_latent_record(latent: np.ndarray, label: int | None, **arrays) -> bytes:
   """One ArrayRecord record of the `latents` source: a fixed `latent`, or (latent=None) the
-  posterior given as `mean=` and `std=` arrays, plus any other arrays (e.g. `index=`)."""
+  posterior given as `mean=` and `std=` arrays, plus any other arrays (e.g. `index=`, or a
+  caption's `text=` and `mask=`, with label None)."""
   buf = io.BytesIO()
   if latent is not None:
     arrays["latent"] = latent
-  np.savez(buf, label=np.int32(label), **arrays)
+  if label is not None:
+    arrays["label"] = np.int32(label)
+  np.savez(buf, **arrays)
   return buf.getvalue()
 
 
@@ -139,7 +146,9 @@ class LatentSource:
 
   def __getitem__(self, i):
     record = np.load(io.BytesIO(self._source[i]))
-    item = {"label": np.int32(record["label"])}
+    item = {name: record[name] for name in ("text", "mask") if name in record}
+    if "label" in record:
+      item["label"] = np.int32(record["label"])
     if "latent" in record:
       item["image"] = record["latent"].astype(np.float32) * self.scale
     else:  # the posterior: the pipeline draws image + std * eps
@@ -174,8 +183,11 @@ def make_source(data_cfg, split: str = "train", model_cfg=None):
     return TfdsSource(data_cfg.name, split, data_cfg.get("data_dir"), data_cfg.image_size)
   if kind == "latents":
     return LatentSource(data_cfg.path, data_cfg.latent_scale)
+  if kind == "scenes":  # captioned digit scenes (text-to-image demo)
+    from sgjax.data import scenes  # pylint: disable=g-import-not-at-top
+    return scenes.SceneSource(split, data_cfg.size, 0)
   if kind == "synthetic":
     return SyntheticSource(10_000, model_cfg.input_size, model_cfg.in_channels,
                            model_cfg.num_classes)
   raise ValueError(f"data.source={kind!r}: choose one of 'digits', 'tfds', 'latents',"
-                   " 'synthetic'.")
+                   " 'scenes', 'synthetic'.")

@@ -63,8 +63,25 @@ SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 
 TIME_FREQUENCIES = 256
 
 
+class PatchGrid:
+  """Token geometry of a patch-embedding transformer config (input_size, patch_size,
+  in_channels)."""
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size**2 * self.in_channels
+
+
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(PatchGrid):
   """Architecture and sparsity of one DiT/SiT. Fields are plain values (JSON-able)."""
 
   input_size: int = 32  # H = W of the (latent) image
@@ -88,17 +105,7 @@ class DiTConfig:
   remat: str = "none"  # a key of REMAT_POLICIES; saves activation memory, costs recompute
   attention: str = "xla"  # one of ATTENTION_KERNELS; same parameters and math either way
 
-  @property
-  def grid_size(self) -> int:
-    return self.input_size // self.patch_size
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid_size**2
-
-  @property
-  def patch_dim(self) -> int:
-    return self.patch_size**2 * self.in_channels
+  text_conditioned = False  # conditioning is a class label (see sgjax.models.trdit)
 
   def validate(self, prefix: str = "model") -> "DiTConfig":
     """Raises ValueError naming the field and value of the first invalid setting."""
@@ -168,7 +175,7 @@ def parse_model_name(name: str) -> dict[str, int]:
   return dict(depth=depth, width=width, num_heads=heads, patch_size=int(match.group(2)))
 
 
-def _axes(*names: str | None) -> dict:
+def axes_metadata(*names: str | None) -> dict:
   # Parameters record their logical axes; placement happens in a jitted init with explicit
   # out_shardings (sgjax.sharding), so variables are not sharded eagerly at creation.
   return {"out_sharding": names, "eager_sharding": False}
@@ -178,9 +185,12 @@ xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 
 
-def _linear(d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs, dtype, init=xavier_uniform):
-  return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=init, kernel_metadata=_axes(*axes),
-                    bias_metadata=_axes(axes[1]), rngs=rngs)
+def linear(d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs, dtype, init=xavier_uniform,
+           use_bias: bool = True):
+  """A linear layer computing in `dtype` whose parameters carry logical `axes`."""
+  return nnx.Linear(d_in, d_out, dtype=dtype, use_bias=use_bias, kernel_init=init,
+                    kernel_metadata=axes_metadata(*axes),
+                    bias_metadata=axes_metadata(axes[1]), rngs=rngs)
 
 
 def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -189,7 +199,7 @@ def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        dtype=jnp.float32, rngs=rngs)
 
 
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -244,10 +254,10 @@ class Attention(nnx.Module):
                implementation: str = "xla"):
     self.num_heads = num_heads
     self.implementation = implementation
-    self.q = _linear(width, width, ("embed", "heads"), rngs, dtype)
-    self.k = _linear(width, width, ("embed", "heads"), rngs, dtype)
-    self.v = _linear(width, width, ("embed", "heads"), rngs, dtype)
-    self.proj = _linear(width, width, ("heads", "embed"), rngs, dtype)
+    self.q = linear(width, width, ("embed", "heads"), rngs, dtype)
+    self.k = linear(width, width, ("embed", "heads"), rngs, dtype)
+    self.v = linear(width, width, ("embed", "heads"), rngs, dtype)
+    self.proj = linear(width, width, ("heads", "embed"), rngs, dtype)
 
   def __call__(self, x: jax.Array, groups: Groups = None) -> jax.Array:  # [B, N, D] -> same
     """Self-attention within each group of `groups` (see `Block`), or over all N tokens."""
@@ -270,8 +280,8 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
 
   def __init__(self, width: int, hidden: int, dtype, rngs: nnx.Rngs):
-    self.fc1 = _linear(width, hidden, ("embed", "mlp"), rngs, dtype)
-    self.fc2 = _linear(hidden, width, ("mlp", "embed"), rngs, dtype)
+    self.fc1 = linear(width, hidden, ("embed", "mlp"), rngs, dtype)
+    self.fc2 = linear(hidden, width, ("mlp", "embed"), rngs, dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = sharding.constrain(self.fc1(x), sharding.BATCH_AXES, None, "tensor")
@@ -291,7 +301,7 @@ class Block(nnx.Module):
     self.attn = Attention(width, num_heads, dtype, rngs, attention)
     self.norm2 = _layer_norm(width, rngs)
     self.mlp = Mlp(width, int(width * mlp_ratio), dtype, rngs)
-    self.adaln = _linear(cond_width, 6 * width, ("embed", "adaln"), rngs, jnp.float32,
+    self.adaln = linear(cond_width, 6 * width, ("embed", "adaln"), rngs, jnp.float32,
                          init=zeros)
 
   def __call__(self, x: jax.Array, c: jax.Array, groups: Groups = None) -> jax.Array:
@@ -301,9 +311,9 @@ class Block(nnx.Module):
     x = sharding.constrain(x, sharding.BATCH_AXES, None, None)
     modulation = sharding.constrain(self.adaln(jax.nn.silu(c)), sharding.BATCH_AXES, None)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6, -1)
-    attended = self.attn(_modulate(self.norm1(x), shift1, scale1), groups)
+    attended = self.attn(modulate(self.norm1(x), shift1, scale1), groups)
     x = x + gate1[:, None] * attended.astype(x.dtype)
-    return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2)).astype(x.dtype)
+    return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2)).astype(x.dtype)
 
 
 def run_block(block: Block, x: jax.Array, c: jax.Array, remat: str,
@@ -353,14 +363,14 @@ class AdaLNLinear(nnx.Module):
   def __init__(self, width: int, cond_width: int, out_width: int, out_axis: str | None,
                dtype, *, rngs: nnx.Rngs):
     self.norm = _layer_norm(width, rngs)
-    self.adaln = _linear(cond_width, 2 * width, ("embed", "adaln"), rngs, jnp.float32,
+    self.adaln = linear(cond_width, 2 * width, ("embed", "adaln"), rngs, jnp.float32,
                          init=zeros)
-    self.linear = _linear(width, out_width, ("embed", out_axis), rngs, dtype, init=zeros)
+    self.linear = linear(width, out_width, ("embed", out_axis), rngs, dtype, init=zeros)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     """x: [B, N, width], c: [B, cond_width] -> [B, N, out_width] float32."""
     shift, scale = jnp.split(self.adaln(jax.nn.silu(c)), 2, -1)
-    return self.linear(_modulate(self.norm(x), shift, scale)).astype(jnp.float32)
+    return self.linear(modulate(self.norm(x), shift, scale)).astype(jnp.float32)
 
 
 class MaskDecoder(nnx.Module):
@@ -370,7 +380,7 @@ class MaskDecoder(nnx.Module):
     self.embed = AdaLNLinear(cfg.width, cfg.width, cfg.decoder_width, None, dtype, rngs=rngs)
     self.mask_token = nnx.Param(
         nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.decoder_width)),
-        **_axes(None, None, "embed"))
+        **axes_metadata(None, None, "embed"))
     self.blocks = nnx.List([
         Block(cfg.decoder_width, cfg.decoder_heads, cfg.mlp_ratio, cfg.width, dtype, rngs,
               cfg.attention)
@@ -405,13 +415,13 @@ class DiT(nnx.Module):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
     w = cfg.width
-    self.patch_embed = _linear(cfg.patch_dim, w, ("patch", "embed"), rngs, dtype)
+    self.patch_embed = linear(cfg.patch_dim, w, ("patch", "embed"), rngs, dtype)
     # The conditioning path (time MLP, class table) is float32, like the residual stream.
     normal, f32 = nnx.initializers.normal(0.02), jnp.float32
-    self.t_mlp1 = _linear(TIME_FREQUENCIES, w, ("freq", "embed"), rngs, f32, init=normal)
-    self.t_mlp2 = _linear(w, w, ("mlp", "embed"), rngs, f32, init=normal)
+    self.t_mlp1 = linear(TIME_FREQUENCIES, w, ("freq", "embed"), rngs, f32, init=normal)
+    self.t_mlp2 = linear(w, w, ("mlp", "embed"), rngs, f32, init=normal)
     self.y_embed = nnx.Embed(cfg.num_classes + 1, w, dtype=f32, embedding_init=normal,
-                             embedding_metadata=_axes("classes", "embed"), rngs=rngs)
+                             embedding_metadata=axes_metadata("classes", "embed"), rngs=rngs)
     after_route = {route.end + 1 for route in cfg.routes}
     # TREAD's fp32_next: the block after a route runs in float32 (XLA attention, since
     # cuDNN's flash kernel takes only 16-bit inputs).
@@ -434,6 +444,10 @@ class DiT(nnx.Module):
     route (the test-time knob). A rate that keeps every token gives None: no gather at all.
     """
     return draw_subsets(self.cfg, key, batch_size, gamma)
+
+  def null_condition(self, y: jax.Array) -> jax.Array:
+    """The unconditional input of guidance: the null class for every label."""
+    return jnp.full_like(y, self.cfg.num_classes)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
                subsets: Sequence[TokenSubset | None] = ()) -> jax.Array:
