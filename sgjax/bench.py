@@ -30,7 +30,8 @@ from absl import app, flags, logging
 
 from sgjax import flops as flops_lib
 from sgjax import flow, guidance as guidance_lib, sampling, sharding, sparsity, train_state
-from sgjax.models import dit
+from sgjax.models import dit, trdit
+from sgjax.text import conditioning
 from sgjax.sparsity import Route
 
 # Dense bf16 matmul peaks (no sparsity) used for the nominal MFU, in TFLOP/s.
@@ -83,20 +84,46 @@ def peak_memory_bytes() -> tuple[int | None, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def model_config(args: dict, sparsity: str) -> dit.DiTConfig:
+def model_config(args: dict, sparsity: str) -> dit.DiTConfig | trdit.TRDiTConfig:
   """The model the flags describe, with sparsity mode `sparsity`; routing uses --route
-  (start, end) or TREAD's default for the model's depth."""
-  size = dit.parse_model_name(args["model"])
+  (start, end) or TREAD's default for the model's depth. 'TR-DiT-<size>/<patch>' is the
+  text-to-image TR-DiT at a DiT size (e.g. TR-DiT-2.5B/2), taking --text_length tokens of
+  width --text_width."""
+  text = args["model"].startswith("TR-")
+  size = dit.parse_model_name(args["model"][3:] if text else args["model"])
   routes = ()
   if sparsity == "routing":
     end = DEFAULT_ROUTE_END.get(size["depth"], size["depth"] - 2)
     start, end = (tuple(int(v) for v in args["route"]) if args["route"]
                   else (min(2, end), end))
     routes = (Route(start, end, args["gamma"]),)
+  if text:
+    if sparsity == "masking":
+      raise ValueError("--modes: TR-DiT trains dense or routed (no masking).")
+    return trdit.TRDiTConfig(input_size=args["input_size"], in_channels=args["in_channels"],
+                             text_length=args["text_length"], text_width=args["text_width"],
+                             sparsity=sparsity, routes=routes, dtype=args["dtype"],
+                             attention=args["attention"], **size).validate()
   return dit.DiTConfig(input_size=args["input_size"], in_channels=args["in_channels"],
                        num_classes=args["num_classes"], sparsity=sparsity, routes=routes,
                        mask_gamma=args["gamma"], dtype=args["dtype"],
                        attention=args["attention"], **size).validate()
+
+
+def conditions(cfg, batch: int, key: jax.Array) -> dict[str, jax.Array]:
+  """A batch's conditioning: labels, or for TR-DiT random caption hidden states with a mask
+  of random lengths (what a frozen encoder hands over)."""
+  if not cfg.text_conditioned:
+    return {"label": jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes}
+  lengths = jax.random.randint(key, (batch, 1), 1, cfg.text_length + 1)
+  return {"text": jax.random.normal(key, (batch, cfg.text_length, cfg.text_width)),
+          "mask": jnp.arange(cfg.text_length)[None] < lengths}
+
+
+def sample_condition(cfg, batch: int):
+  """What the sampler takes for `batch` samples: balanced labels, or captions."""
+  data = conditions(cfg, batch, jax.random.key(2))
+  return data["label"] if "label" in data else data
 
 
 def program_memory_bytes(compiled: jax.stages.Compiled) -> int:
@@ -107,19 +134,21 @@ def program_memory_bytes(compiled: jax.stages.Compiled) -> int:
           - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def prepare_train(cfg: dit.DiTConfig, batch: int,
+def prepare_train(cfg: dit.DiTConfig | trdit.TRDiTConfig, batch: int,
                   steps: int) -> tuple[Callable[[], None], dict[str, Any]]:
   """One configuration's compiled train step -> (run `steps` steps and block, its row)."""
   mesh = sharding.make_mesh("data")
   tx = train_state.make_optimizer(train_state.OptimConfig(lr=1e-4))
   graphdef, abstract, shardings = train_state.abstract_state(cfg, tx, mesh, "data")
   state = train_state.init_state(cfg, tx, shardings)
+  condition = (conditioning.condition_fn(None) if cfg.text_conditioned  # precomputed text
+               else train_state.label_condition)
   step = jax.jit(train_state.make_train_step(graphdef, tx, flow.LossConfig(), 0.9999,
-                                             jax.random.key(1)),
+                                             jax.random.key(1), condition),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
   key = jax.random.key(0)
   images = jax.random.normal(key, (batch, cfg.input_size, cfg.input_size, cfg.in_channels))
-  data = {"image": images, "label": jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes}
+  data = {"image": images, **conditions(cfg, batch, key)}
   data = jax.device_put(data, sharding.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = step.lower(abstract, data).compile()
@@ -213,7 +242,7 @@ def run_train_suite(args: dict, peak: float, nominal: float | None) -> list[dict
 
 
 # name -> guidance; the paper's Table 2 set (sg_flops: SG 0.5/0.9; sg_fid: AG+SG with cosine
-# schedules) plus SG 0.5/0.8 and CFG+SG. AG / AG+SG use a second, randomly
+# schedules) plus SG 0.5/0.8, CFG+SG and SG 0.1/0.8. AG / AG+SG use a second, randomly
 # initialised model of the same size as the auxiliary (what matters here is its cost).
 SAMPLE_SETTINGS = {
     "unguided": guidance_lib.GuidanceConfig(rule="none"),
@@ -226,6 +255,9 @@ SAMPLE_SETTINGS = {
                                               gamma_weak=0.8),
     "cfg+sg_0.2_0.7": guidance_lib.GuidanceConfig(rule="cfg+sg", omega=1.5,
                                                   gamma_strong=0.2, gamma_weak=0.7),
+    # The paper's text-to-image HPSv3 setting (its GenEval one is cfg+sg_0.2_0.7).
+    "sg_0.1_0.8": guidance_lib.GuidanceConfig(rule="sg", omega=1.8, gamma_strong=0.1,
+                                              gamma_weak=0.8),
     "sg_fid": guidance_lib.GuidanceConfig(
         rule="ag+sg", omega=1.5, schedule="cosine", gamma_strong=0.0, gamma_strong_end=0.6,
         gamma_weak=0.6, gamma_weak_end=0.0),
@@ -276,7 +308,7 @@ def run_sample_suite(args: dict) -> list[dict]:
   make = train_state.make_model_fn(cfg, 0)
   model, aux_model = make(), train_state.make_model_fn(cfg, 1)()
   batch = args["sample_batch"]
-  labels = np.arange(batch, dtype=np.int32) % cfg.num_classes
+  labels = sample_condition(cfg, batch)
   count_compiled = jax.devices()[0].platform == "cpu"
   rows, runs = {}, {}
   for name in args["settings"]:
@@ -338,7 +370,7 @@ def run_forward_profile(args: dict) -> list[dict]:
   model = train_state.make_model_fn(cfg, 0)()
   # Two steps: the loop (and what XLA hoists out of it) without a whole trajectory's time.
   batch, steps = args["sample_batch"], 2
-  labels = np.arange(batch, dtype=np.int32) % cfg.num_classes
+  labels = sample_condition(cfg, batch)
   count_compiled = jax.devices()[0].platform == "cpu"
   rows, runs = [], {}
   for gamma in sorted({0.0, *(float(g) for g in args["forward_gammas"])}):
@@ -370,7 +402,10 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Flags of this entry point (defined only when it runs, so modules import cleanly)."""
   flags.DEFINE_enum("suite", "all", ["train", "sample", "all"], "What to measure.")
-  flags.DEFINE_string("model", "DiT-S/2", "DiT-/SiT- S|B|L|XL|2.5B / patch.")
+  flags.DEFINE_string("model", "DiT-S/2", "DiT-/SiT-/TR-DiT- S|B|L|XL|2.5B / patch (TR-DiT:"
+                      " the text-to-image model).")
+  flags.DEFINE_integer("text_length", 256, "TR-DiT: text tokens per caption.")
+  flags.DEFINE_integer("text_width", 2560, "TR-DiT: the text encoder's hidden width.")
   flags.DEFINE_integer("input_size", 32, "Latent (or pixel) height = width.")
   flags.DEFINE_integer("in_channels", 4, "Input channels.")
   flags.DEFINE_integer("num_classes", 1000, "Number of classes.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging as py_logging
 import os
+import platform
 import time
 
 from absl import logging
@@ -87,3 +88,14 @@ class MetricLogger:
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

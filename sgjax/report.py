@@ -1,4 +1,5 @@
-"""The report of `launch/local.sh`: RUN/report.md from its comparison and heatmap sweeps.
+"""The report of `launch/local.sh` (and of `launch/t2i_demo.sh`, through
+`sgjax.scenes_report`): RUN/report.md from its sweeps.
 
     python -m sgjax.report --run=runs/demo --train_seconds=250 --sweep_seconds=400
 """
@@ -8,23 +9,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 
 import jax
 from absl import app, flags
 
-from sgjax import sweep
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+from sgjax import logs, scenes_report, sweep
 
 
 def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
@@ -43,7 +32,7 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
   lines = [
       "# sgjax demo: guidance on the bundled digits",
       "",
-      f"Run on {datetime.date.today().isoformat()}, {_cpu_name()} ({os.cpu_count()} cores),"
+      f"Run on {datetime.date.today().isoformat()}, {logs.cpu_name()} ({os.cpu_count()} cores),"
       f" jax {jax.__version__} on {jax.devices()[0].platform}, by `bash launch/local.sh`.",
       "",
       f"Model: {model['depth']} blocks, width {model['width']}, {model['sparsity']}"
@@ -76,14 +65,17 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("run", "runs/demo", "Folder of a launch/local.sh run.")
+  flags.DEFINE_string("run", "runs/demo", "Folder of a launch/local.sh or t2i_demo.sh run.")
   flags.DEFINE_float("train_seconds", 0.0, "Wall time of the training, for the report.")
   flags.DEFINE_float("sweep_seconds", 0.0, "Wall time of sampling + evaluation.")
 
 
 def main(argv):
   del argv
-  print(write_report(flags.FLAGS.run, flags.FLAGS.train_seconds, flags.FLAGS.sweep_seconds))
+  with open(os.path.join(flags.FLAGS.run, "model", "config.json")) as f:
+    text_to_image = json.load(f)["model"].get("arch") == "trdit"
+  write = scenes_report.write_report if text_to_image else write_report
+  print(write(flags.FLAGS.run, flags.FLAGS.train_seconds, flags.FLAGS.sweep_seconds))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python -m sgjax.sample --workdir=runs/digits --guidance=sg --omega=1.5 \
         --gamma_strong=0.5 --gamma_weak=0.8 --steps=40 --num_samples=100 --out=runs/digits/sg
+    python -m sgjax.sample --workdir=runs/scenes --guidance=cfg+sg --omega=2.5 \
+        --gamma_strong=0.2 --gamma_weak=0.7 --prompt="a red 3 left of a blue 7"
 
 Writes OUT/grid.png (labelled), OUT/samples.npz (`arr_0` uint8 NHWC images, `arr_1` labels:
 the ADM evaluation suite's format) and OUT/sampling.json (guidance, NFE, wall time without
@@ -9,7 +11,9 @@ compilation, images/s, GFLOPs per image of the whole trajectory in both conventi
 trained on VAE latents decodes its samples with its VAE (`--vae`, default the run's
 `data.vae`) into the same files; `--save_latents`, or a run without a VAE, writes
 OUT/latents.npz (`arr_0` float32 NHWC latents, unscaled as the decoder takes them, `arr_1`
-labels).
+labels). A text-to-image run samples from `--prompt` or `--prompts_file` (one caption a line;
+sample i takes prompt i mod P); its `arr_1` holds each sample's prompt, and the grid is
+captioned with them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 import time
 
 import jax
@@ -26,6 +31,7 @@ from absl import app, flags, logging
 from sgjax import checkpoint, distributed, guidance as guidance_lib, logs, sampling, sharding
 from sgjax.data import sources
 from sgjax.models import vae as vae_lib
+from sgjax.text import conditioning
 
 FLAGS = flags.FLAGS
 
@@ -72,19 +78,23 @@ def make_labels(spec: str, num_samples: int, num_classes: int, key: jax.Array) -
 
 
 def save_grid(path: str, images: np.ndarray, labels: np.ndarray, columns: int = 10) -> None:
-  """A labelled PNG grid of uint8 NHWC images, each cell upscaled to at least 64 px."""
+  """A PNG grid of uint8 NHWC images, each cell upscaled to at least 64 px (96 px with
+  captions) under its label or caption (wrapped to the cell's width)."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   n, h, w, c = images.shape
-  scale = max(1, 64 // max(h, w))
-  cell_h, cell_w, caption = h * scale, w * scale, 12
+  texts = [str(label) for label in labels]
+  scale = max(1, (96 if max(map(len, texts), default=0) > 3 else 64) // max(h, w))
+  cell_h, cell_w = h * scale, w * scale
+  texts = ["\n".join(textwrap.wrap(text, max(1, cell_w // 6))) for text in texts]
+  caption = 12 * max((text.count("\n") + 1 for text in texts), default=1)
   rows = -(-n // columns)
   grid = Image.new("RGB", (columns * (cell_w + 2), rows * (cell_h + caption + 2)), "white")
   draw = ImageDraw.Draw(grid)
-  for i, (image, label) in enumerate(zip(images, labels)):
+  for i, (image, text) in enumerate(zip(images, texts)):
     tile = Image.fromarray(image[..., 0] if c == 1 else image).convert("RGB")
     x, y = (i % columns) * (cell_w + 2), (i // columns) * (cell_h + caption + 2)
     grid.paste(tile.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y + caption))
-    draw.text((x + 2, y), str(int(label)), fill="black")
+    draw.multiline_text((x + 2, y), text, fill="black", spacing=1)
   grid.save(path)
 
 
@@ -153,13 +163,31 @@ def latent_decoder(config: dict, mesh, vae_dir: str | None = None):
   return lambda samples: decode(np.asarray(samples) / np.float32(scale))
 
 
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str] | None:
+  """The captions of --prompt (repeatable) and --prompts_file (one a line; blank lines
+  skipped), in that order; None when neither is given."""
+  if not prompts and not prompts_file:
+    return None
+  found = list(prompts or [])
+  if prompts_file:
+    with open(prompts_file) as f:
+      from_file = [line.strip() for line in f if line.strip()]
+    if not from_file:
+      raise ValueError(f"--prompts_file={prompts_file!r} holds no prompt: write one caption a"
+                       " line.")
+    found += from_file
+  return found
+
+
 def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batch_size: int,
                   labels: str, seed: int, info: dict, warmup: bool = True,
                   latent_scale: float | None = None, decode=None,
-                  save_latents: bool = False) -> dict:
+                  save_latents: bool = False, prompts: list[str] | None = None,
+                  encoder=None) -> dict:
   """Runs `sampler` and writes grid.png, samples.npz, sampling.json; returns the summary.
 
-  With `latent_scale` the samples are latents of a VAE: `decode` (`latent_decoder`) turns
+  A text-to-image sampler takes `prompts` (sample i gets prompt i mod P), encoded by the
+  run's frozen `encoder`, instead of `labels`. With `latent_scale` the samples are latents of a VAE: `decode` (`latent_decoder`) turns
   them into the images; latents.npz holds them divided by the scale (as the decoder takes
   them) when there is no decoder, or with `save_latents`.
 
@@ -167,11 +195,18 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   batch_size but never on the device count. `warmup` runs the first batch once untimed
   (compilation); pass False when this sampler has already run a batch of this size.
   """
+  if num_samples < 1:
+    raise ValueError(f"--num_samples={num_samples} must be >= 1.")
   base = jax.random.key(seed)
-  all_labels = make_labels(labels, num_samples, sampler.num_classes,
-                           jax.random.fold_in(base, 0))
+  if prompts is None:
+    all_labels = make_labels(labels, num_samples, sampler.model_cfg.num_classes,
+                             jax.random.fold_in(base, 0))
+  else:
+    all_labels = np.asarray(prompts)[np.arange(num_samples) % len(prompts)]
   num_batches = -(-num_samples // batch_size)
   batches = np.resize(all_labels, num_batches * batch_size).reshape(num_batches, batch_size)
+  if prompts is not None:  # captions -> hidden states once, outside the timed loop
+    batches = [conditioning.encode_captions(encoder, list(batch)) for batch in batches]
   batch_key = lambda i: jax.random.fold_in(jax.random.fold_in(base, 1), i)
 
   first_s = None
@@ -208,7 +243,8 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   summary = {
       **info, "output": "+".join(kinds), "decode_s": decode_s,
       "guidance": dataclasses.asdict(sampler.guidance), "num_samples": num_samples,
-      "batch_size": batch_size, "seed": seed, "labels": labels,
+      "batch_size": batch_size, "seed": seed,
+      "labels": labels if prompts is None else f"{len(prompts)} prompts",
       "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
       "wall_s": wall_s, "compile_and_first_batch_s": first_s,
       "images_per_s": num_batches * batch_size / wall_s,
@@ -226,13 +262,14 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
 def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=None,
         ema=True, aux_workdir=None, aux_step=None, steps=40, solver="euler", nested=False,
         num_samples=64, batch_size=64, labels="balanced", seed=0, vae=None,
-        save_latents=False) -> dict:
+        save_latents=False, prompts: list[str] | None = None) -> dict:
   """The `python -m sgjax.sample` command as a function."""
   checkpoint.local_path(workdir, "workdir")  # first: the default --out lies inside it
   checkpoint.local_path(out, "out")
   mesh = sampling_mesh(batch_size)
   model, aux_model, config, steps_info = load_models(
       workdir, guidance, mesh, step=step, ema=ema, aux_workdir=aux_workdir, aux_step=aux_step)
+  encoder = text_encoder(config, model.cfg, prompts)
   sampler = sampling.Sampler(model, guidance, steps=steps, solver=solver,
                              aux_model=aux_model, mesh=mesh, nested=nested)
   info = {"workdir": os.path.abspath(workdir), "ema": ema, "nested": nested,
@@ -242,7 +279,27 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
     logging.info("no VAE given (--vae or data.vae): writing latents.npz, not images")
   return sample_to_dir(sampler, out, num_samples=num_samples, batch_size=batch_size,
                        labels=labels, seed=seed, info=info, latent_scale=latent_scale_of(config),
-                       decode=decode, save_latents=save_latents)
+                       decode=decode, save_latents=save_latents, prompts=prompts,
+                       encoder=encoder)
+
+
+def text_encoder(config: dict, model_cfg, prompts: list[str] | None):
+  """The frozen encoder of a text-to-image run (None for class-conditional runs), after
+  checking that prompts are given exactly when the run takes them."""
+  if not model_cfg.text_conditioned:
+    if prompts is not None:
+      raise ValueError("--prompt/--prompts_file: this run is class-conditional (model.arch="
+                       "'dit'); choose classes with --labels instead.")
+    return None
+  if prompts is None:
+    raise ValueError("this run is text-to-image (model.arch='trdit'): give --prompt=CAPTION"
+                     " (repeatable) or --prompts_file=FILE.")
+  encoder = conditioning.make_encoder(config["text"], model_cfg)
+  if encoder is None:
+    raise ValueError("this run trained on precomputed text hidden states (text.encoder="
+                     "'precomputed'); sampling from prompts needs the encoder that made them.")
+  encoder.tokenize(prompts)  # refuses unknown words and over-long captions up front
+  return encoder
 
 
 def define_flags() -> None:
@@ -260,6 +317,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Samples per batch (results depend on it, not on the"
                        " device count; must be divisible by the device count).")
   flags.DEFINE_string("labels", "balanced", "balanced | random | comma-separated class ids.")
+  flags.DEFINE_multi_string("prompt", None, "Text-to-image runs: a caption (repeatable).")
+  flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a file of captions, one a"
+                      " line.")
   flags.DEFINE_integer("seed", 0, "Sample seed.")
   flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples/<setting>, e.g."
                       " samples/sg-w2-gs0.5-gw0.9).")
@@ -280,7 +340,7 @@ def main(argv):
       aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step, steps=FLAGS.steps,
       solver=FLAGS.solver, nested=FLAGS.nested, num_samples=FLAGS.num_samples,
       batch_size=FLAGS.batch_size, labels=FLAGS.labels, seed=FLAGS.seed, vae=FLAGS.vae,
-      save_latents=FLAGS.save_latents)
+      save_latents=FLAGS.save_latents, prompts=read_prompts(FLAGS.prompt, FLAGS.prompts_file))
 
 
 if __name__ == "__main__":

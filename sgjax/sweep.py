@@ -26,6 +26,7 @@ from absl import app, flags, logging
 
 from sgjax import checkpoint, config as config_lib, guidance as guidance_lib, logs, sample
 from sgjax import sampling
+from sgjax.data import scenes
 from sgjax.metrics import npz
 
 FIELDS = {"rule": str, "omega": float, "gamma_strong": float, "gamma_weak": float,
@@ -73,11 +74,12 @@ def _done(folder: str, spec: dict) -> bool:
 def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: str, *,
               seeds=(0,), metric="digits", reference=None, inception_weights=None,
               steps=40, num_samples=500, batch_size=256, step=None, aux_workdir=None,
-              aux_step=None, vae=None) -> list[dict]:
+              aux_step=None, vae=None, prompts: list[str] | None = None) -> list[dict]:
   """Samples + evaluates every setting and seed (reusing finished ones); one row each.
 
   Everything is checked before the first sample: the grid, the metric's files, the auxiliary
-  model of ag rules and the checkpoints. A folder is reused only when it was made from the
+  model of ag rules and the checkpoints. A text-to-image run samples `prompts` (sample i
+  takes prompt i mod P) instead of class-balanced labels. A folder is reused only when it was made from the
   same checkpoints with the same steps, sample count, batch size, metric and reference.
   """
   if not settings:
@@ -96,9 +98,12 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
                      " decoder before any metric; pass --vae=DIR (or train with"
                      " --config.data.vae=DIR).")
   model_cfg = config_lib.model_config(config["model"])
+  encoder = sample.text_encoder(config, model_cfg, prompts)
   spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
           "reference": reference and os.path.abspath(reference)}
+  if prompts is not None:
+    spec["prompts"] = prompts
   if latent_scale is not None:  # the decoder is part of what made the images
     spec["vae"] = os.path.abspath(vae or config["data"]["vae"])
   aux_spec, aux_cfg = {}, None
@@ -127,7 +132,8 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
         sample.sample_to_dir(sampler, folder, num_samples=num_samples, batch_size=batch_size,
                              labels="balanced", seed=seed, warmup=not warm,
                              info={"workdir": os.path.abspath(workdir), **info},
-                             latent_scale=latent_scale, decode=decode)
+                             latent_scale=latent_scale, decode=decode, prompts=prompts,
+                             encoder=encoder)
         warm = True
         npz.evaluate_npz(os.path.join(folder, "samples.npz"), reference, metric,
                          inception_weights, batch_size)
@@ -302,6 +308,9 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/sweep).")
   flags.DEFINE_string("vae", None, "Runs on VAE latents: the VAE folder that decodes the"
                       " samples (default: the run's data.vae).")
+  flags.DEFINE_string("prompts_file", None, "Text-to-image runs: captions, one a line (default"
+                      " with --metric=scenes: num_samples / 4 random scene captions, 4 samples"
+                      " each).")
 
 
 def main(argv):
@@ -310,15 +319,19 @@ def main(argv):
   logs.quiet_libraries()
   settings = [s for spec in FLAGS.grid for s in parse_grid(spec)]
   out = FLAGS.out or os.path.join(FLAGS.workdir, "sweep")
+  prompts = sample.read_prompts(None, FLAGS.prompts_file)
+  if prompts is None and FLAGS.metric == "scenes":
+    prompts = scenes.prompt_set(max(1, FLAGS.num_samples // 4), seed=0)
   rows = run_sweep(FLAGS.workdir, settings, out, seeds=[int(s) for s in FLAGS.seeds],
                    metric=FLAGS.metric, reference=FLAGS.reference,
                    inception_weights=FLAGS.inception_weights, steps=FLAGS.steps,
                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
                    step=FLAGS.step, aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step,
-                   vae=FLAGS.vae)
-  metrics = (["fid", "class_accuracy", "diversity", "precision", "recall"]
-             if FLAGS.metric == "digits" else ["fid", "sfid", "inception_score", "precision",
-                                               "recall"])
+                   vae=FLAGS.vae, prompts=prompts)
+  metrics = {"digits": ["fid", "class_accuracy", "diversity", "precision", "recall"],
+             "adm": ["fid", "sfid", "inception_score", "precision", "recall"],
+             "scenes": ["full", "digit", "colour", "relation", "count", "diversity"]
+             }[FLAGS.metric]
   write_outputs(rows, out, metrics)
   print(open(os.path.join(out, "sweep.md")).read())
 

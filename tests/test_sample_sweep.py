@@ -74,6 +74,11 @@ def test_sample_rejects_bad_input(run, tmp_path):
   assert out.returncode != 0 and "sparse" in out.stderr
 
 
+def test_prompts_for_a_class_conditional_run_are_refused(run, tmp_path):
+  with pytest.raises(ValueError, match="class-conditional .* --labels"):
+    sample.run(str(run / "model"), sg(), str(tmp_path / "o"), prompts=["a red 3"])
+
+
 def test_parse_grid_expands_products_and_skips_forbidden_settings():
   settings = sweep.parse_grid("rule=sg;omega=1.5,2;gamma_strong=0,0.5;gamma_weak=0.5,0.8")
   pairs = {(s.omega, s.gamma_strong, s.gamma_weak) for s in settings}

@@ -17,9 +17,9 @@ import zipfile
 import numpy as np
 from absl import logging
 
-from sgjax.metrics import adm, digits, features, inception
+from sgjax.metrics import adm, digits, features, inception, scenes
 
-METRICS = ("adm", "digits")
+METRICS = ("adm", "digits", "scenes")
 
 
 def _members(path: str) -> set[str]:
@@ -72,6 +72,25 @@ def digits_metrics(samples_path: str, reference_path: str | None = None,
   return digits.metrics(images, labels, reference, batch_size=batch_size)
 
 
+def scenes_metrics(samples_path: str) -> dict:
+  """The compositional scene metrics (`sgjax.metrics.scenes`) of a text-to-image sample file
+  whose `arr_1` holds each image's caption, with within-prompt diversity relative to real
+  scenes of the same captions (1 = as varied as real scenes)."""
+  if "arr_1" not in _members(samples_path):
+    raise ValueError(f"{samples_path}: metric 'scenes' needs each image's caption in arr_1"
+                     " (what `sgjax.sample --prompt/--prompts_file` writes).")
+  images = features.NpzArray(samples_path).read()
+  captions = [str(c) for c in _read_small(samples_path, "arr_1")]
+  model = digits.load_classifier()
+  result = scenes.evaluate(images, captions, model)
+  chance = result.pop("chance")
+  result.update({f"chance_{name}": value for name, value in chance.items()})
+  if len(set(captions)) < len(captions):
+    result["diversity"] = (scenes.within_prompt_diversity(images, captions, model)
+                           / scenes.real_within_prompt_diversity(captions, model=model))
+  return result
+
+
 def check_inputs(metric: str, reference: str | None, inception_weights: str | None) -> None:
   """Raises, naming the flag, unless `metric` can run with these files (checked before any
   sampling, so that a sweep does not fail after its first setting)."""
@@ -97,10 +116,14 @@ def evaluate_npz(samples: str, reference: str | None = None, metric: str = "adm"
   start = time.time()
   if metric == "adm":
     result = adm_metrics(samples, reference, inception_weights, batch_size)
+  elif metric == "scenes":
+    result = scenes_metrics(samples)
   else:
     result = digits_metrics(samples, reference, batch_size)
   result = {"metric": metric, "samples": os.path.abspath(samples),
-            "reference": os.path.abspath(reference) if reference else "heldout digits",
+            "reference": (os.path.abspath(reference) if reference else
+                          "real scenes of the captions" if metric == "scenes" else
+                          "heldout digits"),
             **result, "seconds": round(time.time() - start, 2)}
   out = out or os.path.join(os.path.dirname(os.path.abspath(samples)), "metrics.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
