@@ -12,8 +12,8 @@ records holding each latent with its caption's hidden states ("text", [256, 2560
 demo: captioned scenes of two coloured digits on a 2x2 canvas of 8x8 cells ("a red 3 left
 of a blue 7"; `sgjax/data/scenes.py`), 16x16x3 at patch 2 (64 tokens), the built-in word
 encoder (`sgjax/text/words.py`), a width-64 TR-DiT routed 1->4 of 6 at gamma 0.5, 3000
-steps at batch 64 (about 25 to 30 minutes on 2 CPU cores: by 1500 steps it draws the colours
-and the layout but digits at chance level; see the README's results).
+steps at batch 64 (about 21 minutes alone on 2 CPU cores; it then draws the colours and the
+layout right, digits barely above chance: see the README's results).
 """
 
 import ml_collections

@@ -145,15 +145,16 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def _rms_norm(width: int, rngs: nnx.Rngs, use_scale: bool = True) -> nnx.RMSNorm:
+def _rms_norm(width: int, rngs: nnx.Rngs, use_scale: bool = True,
+              axis: str = "embed") -> nnx.RMSNorm:
   return nnx.RMSNorm(width, epsilon=1e-6, dtype=jnp.float32, use_scale=use_scale,
-                     scale_metadata=axes_metadata("embed"), rngs=rngs)
+                     scale_metadata=axes_metadata(axis), rngs=rngs)
 
 
 class Attention(nnx.Module):
-  """Multi-head attention without biases, q/k RMS-normalised per head. Self-attention when
-  called with `context=None` (rotary positions given by `angles`), else cross-attention to
-  `context` [B, L, context_width] under its `mask` [B, L]."""
+  """Multi-head attention without biases, q/k RMS-normalised per head: x's tokens attend to
+  `context` [B, L, width] (default: x itself), to the keys where `mask` [B, L] is True (default:
+  all); `angles` rotates queries and keys (RoPE; self-attention only)."""
 
   def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs, *,
                implementation: str = "xla", out_init=dit.xavier_uniform):
@@ -258,7 +259,7 @@ class TRDiT(nnx.Module):
                                use_bias=False)
     self.null_text = nnx.Param(normal(rngs.params(), (cfg.text_length, cfg.text_width)),
                                **axes_metadata(None, "text"))
-    self.text_norm = _rms_norm(cfg.text_width, rngs)
+    self.text_norm = _rms_norm(cfg.text_width, rngs, axis="text")
     self.text_in = linear(cfg.text_width, w, ("text", "embed"), rngs, dtype, use_bias=False)
     self.refiner = nnx.List([TextBlock(cfg, dtype, rngs) for _ in range(cfg.refiner_depth)])
     after_route = {route.end + 1 for route in cfg.routes}
