@@ -187,9 +187,10 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   """Runs `sampler` and writes grid.png, samples.npz, sampling.json; returns the summary.
 
   A text-to-image sampler takes `prompts` (sample i gets prompt i mod P), encoded by the
-  run's frozen `encoder`, instead of `labels`. With `latent_scale` the samples are latents of a VAE: `decode` (`latent_decoder`) turns
-  them into the images; latents.npz holds them divided by the scale (as the decoder takes
-  them) when there is no decoder, or with `save_latents`.
+  run's frozen `encoder`, instead of `labels`. With `latent_scale` the samples are latents
+  of a VAE: `decode` (`latent_decoder`) turns them into the images; latents.npz holds them
+  divided by the scale (as the decoder takes them) when there is no decoder, or with
+  `save_latents`.
 
   Batches have a fixed shape (the last is padded), so images depend on the seed and
   batch_size but never on the device count. `warmup` runs the first batch once untimed

@@ -79,8 +79,9 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
 
   Everything is checked before the first sample: the grid, the metric's files, the auxiliary
   model of ag rules and the checkpoints. A text-to-image run samples `prompts` (sample i
-  takes prompt i mod P) instead of class-balanced labels. A folder is reused only when it was made from the
-  same checkpoints with the same steps, sample count, batch size, metric and reference.
+  takes prompt i mod P) instead of class-balanced labels. A folder is reused only when it
+  was made from the same checkpoints with the same steps, sample count, batch size, metric,
+  reference and prompts.
   """
   if not settings:
     raise ValueError("the grid holds no valid setting (the log says why each combination was"
