@@ -57,6 +57,18 @@ def check_routes(routes: Sequence[Route], depth: int, name: str = "routes") -> N
     previous_end = route.end
 
 
+def check_mode_routes(mode: str, routes: Sequence[Route], depth: int, prefix: str) -> None:
+  """A model config's routes: at least one, valid, for sparsity mode "routing"; none else."""
+  if mode == "routing":
+    if not routes:
+      raise ValueError(f"{prefix}.routes is empty: routing needs at least one route"
+                       " (start, end, gamma).")
+    check_routes(routes, depth, f"{prefix}.routes")
+  elif routes:
+    raise ValueError(f"{prefix}.routes={tuple(routes)!r} is set but {prefix}.sparsity="
+                     f"{mode!r}; routes apply only to sparsity='routing'.")
+
+
 class TokenSubset(NamedTuple):
   """A random subset of K of N tokens per sample (K and N static, from the shapes)."""
 

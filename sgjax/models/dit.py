@@ -127,14 +127,7 @@ class DiTConfig(PatchGrid):
     self._validate_attention(prefix)
     if self.sparsity not in SPARSITY_MODES:
       raise ValueError(f"{prefix}.sparsity={self.sparsity!r}: choose one of {SPARSITY_MODES}.")
-    if self.sparsity == "routing":
-      if not self.routes:
-        raise ValueError(f"{prefix}.routes is empty: routing needs at least one route"
-                         " (start, end, gamma).")
-      sparsity.check_routes(self.routes, self.depth, f"{prefix}.routes")
-    elif self.routes:
-      raise ValueError(f"{prefix}.routes={self.routes!r} is set but {prefix}.sparsity="
-                       f"{self.sparsity!r}; routes apply only to sparsity='routing'.")
+    sparsity.check_mode_routes(self.sparsity, self.routes, self.depth, prefix)
     if self.sparsity == "masking":
       sparsity.check_gamma(self.mask_gamma, f"{prefix}.mask_gamma")
       if self.decoder_depth <= 0 or self.decoder_width <= 0:

@@ -111,14 +111,7 @@ class TRDiTConfig(dit.PatchGrid):
     if self.sparsity not in SPARSITY_MODES:
       raise ValueError(f"{prefix}.sparsity={self.sparsity!r}: TR-DiT supports"
                        f" {SPARSITY_MODES} (MaskDiT masking is implemented for DiT only).")
-    if self.sparsity == "routing":
-      if not self.routes:
-        raise ValueError(f"{prefix}.routes is empty: routing needs at least one route"
-                         " (start, end, gamma).")
-      sparsity.check_routes(self.routes, self.depth, f"{prefix}.routes")
-    elif self.routes:
-      raise ValueError(f"{prefix}.routes={self.routes!r} is set but {prefix}.sparsity="
-                       f"{self.sparsity!r}; routes apply only to sparsity='routing'.")
+    sparsity.check_mode_routes(self.sparsity, self.routes, self.depth, prefix)
     return self
 
 
