@@ -16,8 +16,8 @@
 #   --module=M [sgjax.train] (run: also sgjax.sample)   --detach (run: nohup, log on workers)
 #   --dry-run: print the exact commands without running them.
 # Every worker runs the same command with --distributed=tpu (sgjax/distributed.py), so the
-# workdir must be storage all workers share (e.g. a bucket mounted with gcsfuse at the same
-# path on every worker; gs:// URLs are not supported yet).
+# workdir must be storage all workers share: a gs:// URL (the TPU VM's service account needs
+# write access to the bucket), or a folder mounted at the same path on every worker.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 

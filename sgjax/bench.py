@@ -10,25 +10,32 @@ The sample suite also times one pass per sampling step at each sparsity rate (wh
 sampling's time goes), and `--profile_dir` records a jax.profiler trace. Writes
 `OUT/bench-<date>.json` and `.md`. Needs only jax, flax, optax and absl (no grain,
 ml_collections or tensorflow-datasets), so it runs on a bare accelerator image.
+
+`--suite=io` (not part of `all`: it writes to disk) times what surrounds the train step:
+a step that saves a checkpoint (none, sync, async) and the grain input pipeline alone, by
+worker processes and read threads, against the train step's steps/s. Only its second part
+needs grain (imported there), and it is skipped where grain is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
-import os
 import resource
 import statistics
+import tempfile
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sgjax import flops as flops_lib
+from sgjax import cli, flops as flops_lib, paths
 from sgjax import flow, guidance as guidance_lib, sampling, sharding, sparsity, train_state
 from sgjax.models import dit, trdit
 from sgjax.text import conditioning
@@ -134,9 +141,9 @@ def program_memory_bytes(compiled: jax.stages.Compiled) -> int:
           - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def prepare_train(cfg: dit.DiTConfig | trdit.TRDiTConfig, batch: int,
-                  steps: int) -> tuple[Callable[[], None], dict[str, Any]]:
-  """One configuration's compiled train step -> (run `steps` steps and block, its row)."""
+def compile_train(cfg: dit.DiTConfig | trdit.TRDiTConfig, batch: int):
+  """One configuration's train step, compiled -> (step(state, data) -> (state, metrics),
+  a fresh state (the step donates it), a batch of random data, the configuration's row)."""
   mesh = sharding.make_mesh("data")
   tx = train_state.make_optimizer(train_state.OptimConfig(lr=1e-4))
   graphdef, abstract, shardings = train_state.abstract_state(cfg, tx, mesh, "data")
@@ -153,15 +160,8 @@ def prepare_train(cfg: dit.DiTConfig | trdit.TRDiTConfig, batch: int,
   start = time.perf_counter()
   compiled = step.lower(abstract, data).compile()
   compile_s = time.perf_counter() - start
-
-  def run():
-    nonlocal state
-    for _ in range(steps):
-      state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-
   # Model FLOPs: forward + backward = 3x the forward pass actually run (true convention).
-  return run, {
+  return compiled, state, data, {
       "sparsity": cfg.sparsity, "batch": batch, "tokens_per_image": cfg.num_tokens,
       "compile_s": compile_s,
       "compiled_tflops_per_step": compiled.cost_analysis()["flops"] / 1e12,
@@ -170,14 +170,25 @@ def prepare_train(cfg: dit.DiTConfig | trdit.TRDiTConfig, batch: int,
   }
 
 
+def prepare_train(cfg: dit.DiTConfig | trdit.TRDiTConfig, batch: int,
+                  steps: int) -> tuple[Callable[[], None], dict[str, Any]]:
+  """One configuration's compiled train step -> (run `steps` steps and block, its row)."""
+  compiled, state, data, row = compile_train(cfg, batch)
+
+  def run():
+    nonlocal state
+    for _ in range(steps):
+      state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+
+  return run, row
+
+
 def write_results(out_dir: str, meta: dict, results: dict, table: str) -> str:
-  os.makedirs(out_dir, exist_ok=True)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-  base = os.path.join(out_dir, f"bench-{stamp}")
-  with open(base + ".json", "w") as f:
-    json.dump({**meta, **results}, f, indent=2)
-  with open(base + ".md", "w") as f:
-    f.write(table)
+  base = paths.join(out_dir, f"bench-{stamp}")
+  paths.write_json(base + ".json", {**meta, **results})
+  paths.write_text(base + ".md", table)
   return base
 
 
@@ -396,12 +407,200 @@ def run_forward_profile(args: dict) -> list[dict]:
   return rows
 
 
+CHECKPOINT_COLUMNS = [
+    ("save", "checkpoint save", "s"), ("step_s", "checkpointing step s (median)", ".3f"),
+    ("vs_plain_step", "vs plain step", ".2f"), ("written_s", "until written s", ".3f"),
+    ("next_step_s", "next step s", ".3f"),
+]
+
+
+def run_checkpoint_suite(args: dict, root: str) -> list[dict]:
+  """How long a train step that saves a checkpoint holds training up: no save, sync, async.
+
+  The dense model of the flags saves its whole train state (parameters, EMA, Adam moments)
+  through `sgjax.checkpoint.Checkpointer` into `root`, as training does. Each round times
+  every setting once, in rotating order: a train step and its save, from dispatching the step
+  until the next one could be dispatched (`step_s`: a sync save returns once the checkpoint
+  is written, an async one once the state is copied to host memory, orbax writing it in
+  background threads); then one more step (`next_step_s`: beside the write, when async),
+  while a thread waits for the checkpoint to be complete (`written_s`, from dispatching the
+  first step).
+  """
+  from sgjax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: io suite only)
+  cfg = model_config(args, "dense")
+  logging.info("io bench: compiling %s dense batch %d", args["model"], args["batch"])
+  compiled, state, data, _ = compile_train(cfg, args["batch"])
+  state_gib = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) / 2**30
+  savers = {"none": None,
+            "sync": checkpoint.Checkpointer(paths.join(root, "sync"), keep=2, async_save=False),
+            "async": checkpoint.Checkpointer(paths.join(root, "async"), keep=2)}
+  times = {name: [] for name in savers}
+  step = 0
+
+  def checkpointing_step(name: str) -> None:
+    nonlocal state, step
+    saver, written, waiter = savers[name], [], None
+    step += 1
+    start = time.perf_counter()
+    state, _ = compiled(state, data)
+    if saver is None:
+      jax.block_until_ready(state)
+    else:
+      saver.save(step, state, {"bench": "io"})
+    saved = time.perf_counter()
+    if saver is not None:
+
+      def wait():
+        try:
+          saver.wait()
+          written.append(time.perf_counter())
+        except BaseException as e:  # pylint: disable=broad-exception-caught  (raised below)
+          written.append(e)
+
+      waiter = threading.Thread(target=wait)
+      waiter.start()
+    state, _ = compiled(state, data)  # donates the state an async save may still be writing
+    jax.block_until_ready(state)
+    next_done = time.perf_counter()
+    if waiter is not None:
+      waiter.join()
+      if isinstance(written[0], BaseException):
+        raise written[0]
+    times[name].append({"step_s": saved - start, "next_step_s": next_done - saved,
+                        "written_s": written[0] - start if written else None})
+
+  try:
+    for name in savers:  # warm-up: orbax's first save sets up its folders and threads
+      checkpointing_step(name)
+      times[name].clear()
+    logging.info("io bench: %d interleaved rounds of checkpointing steps", args["repeats"])
+    time_interleaved({name: lambda name=name: checkpointing_step(name) for name in savers},
+                     args["repeats"])
+  finally:
+    for saver in savers.values():
+      if saver is not None:
+        saver.close()  # waits for a write in flight
+  rows = []
+  for name, rounds in times.items():
+    seconds = {key: [r[key] for r in rounds if r[key] is not None] for key in rounds[0]}
+    rows.append({"save": name, "batch": args["batch"], "state_gib": state_gib,
+                 **{key: statistics.median(v) if v else None for key, v in seconds.items()},
+                 "step_min_s": min(seconds["step_s"]), "step_max_s": max(seconds["step_s"])})
+  for row in rows:
+    row["vs_plain_step"] = row["step_s"] / rows[0]["step_s"]
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+LOADER_COLUMNS = [
+    ("loader", "input", "s"), ("batches_per_s", "batches/s", ".2f"),
+    ("images_per_s", "images/s", ".0f"), ("vs_train_step", "batches per train step", ".1f"),
+    ("first_batch_s", "first batch s", ".2f"),
+]
+
+
+def write_latent_posteriors(directory: str, records: int, shape: tuple[int, ...],
+                            shards: int = 4) -> str:
+  """`records` random VAE posteriors (`mean`, `std` float32 `shape`, a label) in ArrayRecord
+  shards, as `python -m sgjax.latents` writes them -> the shards' glob pattern."""
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python import array_record_module
+  from sgjax.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for shard in range(shards):
+    writer = array_record_module.ArrayRecordWriter(
+        paths.join(directory, f"train-{shard:05d}-of-{shards:05d}.array_record"),
+        "group_size:1")
+    for index in range(shard, records, shards):
+      writer.write(sources.encode_latent_record(
+          None, index % 1000, mean=rng.standard_normal(shape, np.float32),
+          std=np.exp(rng.standard_normal(shape, np.float32) - 3), index=np.int64(index)))
+    writer.close()
+  return paths.join(directory, "train-*.array_record")
+
+
+def run_loader_suite(args: dict, root: str, train_step_s: float) -> list[dict]:
+  """Batches/s of the input pipeline alone, by worker processes and read threads, against
+  the train step's steps/s at the same batch (`vs_train_step` > 1: the input keeps ahead).
+
+  `--loader_records` random VAE posteriors of the model's input shape are written as
+  ArrayRecord shards into `root` (local) and read through `sgjax.data.pipeline.make_iterator`
+  as training reads them (global shuffle, a latent drawn per example, host batches); each
+  combination of --loader_workers and --loader_threads is one setting. Rounds time
+  `--loader_batches` batches of each setting in rotating order; each timing starts after
+  taking the batches the setting's buffers filled while the others ran, so it measures the
+  rate batches are made at, not the rate stored ones are handed out.
+  """
+  from sgjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top  (grain)
+  batch, count = args["batch"], args["loader_batches"]
+  shape = (args["input_size"], args["input_size"], args["in_channels"])
+  logging.info("io bench: writing %d latent posteriors %s", args["loader_records"], shape)
+  source = sources.LatentSource(write_latent_posteriors(root, args["loader_records"], shape),
+                                scale=0.18215)
+  rows = {"train step": {"loader": "train step (no save)", "batches_per_s": 1 / train_step_s}}
+  runs, times, first = {}, {}, None
+  with contextlib.ExitStack() as stack:
+    for workers in (int(w) for w in args["loader_workers"]):
+      for threads in (int(t) for t in args["loader_threads"]):
+        name = f"num_workers={workers}, read_threads={threads}"
+        start = time.perf_counter()
+        iterator = pipeline.make_iterator(source, global_batch=batch, seed=0,
+                                          num_workers=workers, read_threads=threads)
+        stack.callback(iterator.close)  # ends worker processes
+        batch0 = next(iterator)
+        first = first or batch0
+        rows[name] = {"loader": name, "num_workers": workers, "read_threads": threads,
+                      "first_batch_s": time.perf_counter() - start,
+                      "same_batches": all(np.array_equal(batch0[k], first[k]) for k in first)}
+        times[name] = []
+        # Batches a setting can hold ready: its buffer, or each worker's buffer and queue.
+        stored = max(workers, 1) * (threads + 2)
+
+        def run(iterator=iterator, stored=stored, seconds=times[name]):
+          for _ in range(stored):
+            next(iterator)
+          start = time.perf_counter()
+          for _ in range(count):
+            next(iterator)
+          seconds.append(time.perf_counter() - start)
+
+        runs[name] = run
+    logging.info("io bench: %d interleaved rounds of %d batches", args["repeats"], count)
+    time_interleaved(runs, args["repeats"])
+  for name, seconds in times.items():
+    rows[name].update(batches_per_s=count / statistics.median(seconds),
+                      batches_min_per_s=count / max(seconds),
+                      batches_max_per_s=count / min(seconds))
+  for row in rows.values():
+    row.update(batch=batch, images_per_s=batch * row["batches_per_s"],
+               vs_train_step=row["batches_per_s"] * train_step_s)
+    print(json.dumps(row), flush=True)
+  return list(rows.values())
+
+
+def run_io_suite(args: dict) -> tuple[list[dict], list[dict]]:
+  """(checkpointing step rows, input pipeline rows); the latter empty without grain or with
+  no --loader_workers. Checkpoints go to --checkpoint_dir (default: a temporary folder, like
+  the dataset)."""
+  with tempfile.TemporaryDirectory(prefix="sgjax-bench-io-") as tmp:
+    checkpoints = run_checkpoint_suite(args, args["checkpoint_dir"] or paths.join(tmp, "ckpt"))
+    if importlib.util.find_spec("grain") is None:
+      logging.warning("io bench: grain is not installed; the input pipeline is not measured.")
+      return checkpoints, []
+    if not args["loader_workers"]:
+      return checkpoints, []
+    return checkpoints, run_loader_suite(args, tmp, checkpoints[0]["step_s"])
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Flags of this entry point (defined only when it runs, so modules import cleanly)."""
-  flags.DEFINE_enum("suite", "all", ["train", "sample", "all"], "What to measure.")
+  flags.DEFINE_enum("suite", "all", ["train", "sample", "all", "io"], "What to measure: train"
+                    " steps, sampling, all (both), or io: the step time of a checkpointing step"
+                    " (none, sync, async) and the input pipeline (needs grain) against the train"
+                    " step. io writes to disk and is not part of all.")
   flags.DEFINE_string("model", "DiT-S/2", "DiT-/SiT-/TR-DiT- S|B|L|XL|2.5B / patch (TR-DiT:"
                       " the text-to-image model).")
   flags.DEFINE_integer("text_length", 256, "TR-DiT: text tokens per caption.")
@@ -427,6 +626,14 @@ def define_flags() -> None:
   flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
   flags.DEFINE_integer("steps_per_repeat", 3, "Train steps per timed repeat.")
   flags.DEFINE_integer("matmul_size", 4096, "Matrix size of the peak-FLOP/s probe.")
+  flags.DEFINE_string("checkpoint_dir", None, "io: folder (local or gs://) for the"
+                      " checkpoints; default: a temporary folder, removed after.")
+  flags.DEFINE_list("loader_workers", ["0", "2"], "io: worker process counts of the input"
+                    " pipeline to time (empty: skip it).")
+  flags.DEFINE_list("loader_threads", ["0", "4"], "io: read thread counts per process to time"
+                    " (each combination with --loader_workers is a setting).")
+  flags.DEFINE_integer("loader_records", 4096, "io: latent posteriors in the dataset.")
+  flags.DEFINE_integer("loader_batches", 50, "io: batches per timed round of each setting.")
   flags.DEFINE_string("out", "results", "Folder for bench-<date>.json / .md.")
   flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the measured runs"
                       " here (open with TensorBoard's profile plugin or Perfetto).")
@@ -445,7 +652,8 @@ def main(argv):
       "flags": {name: FLAGS[name].value for name in (
           "suite", "model", "input_size", "in_channels", "dtype", "attention", "gamma", "route",
           "modes", "batch", "settings", "forward_gammas", "sample_batch", "sample_steps", "repeats",
-          "steps_per_repeat")},
+          "steps_per_repeat", "loader_workers", "loader_threads", "loader_records",
+          "loader_batches")},
       "measured_matmul_peak_tflops": peak / 1e12,
       "nominal_peak_tflops": nominal / 1e12 if nominal else None,
   }
@@ -484,9 +692,19 @@ def run_suites(args: dict, peak: float, nominal: float | None, results: dict) ->
               + f"\n### One pass per sampling step at each sparsity rate (batch"
               f" {args['sample_batch']}, unguided sampler)\n\n"
               + markdown(results["forward"], FORWARD_COLUMNS))
+  if args["suite"] == "io":
+    results["checkpoint"], results["loader"] = run_io_suite(args)
+    size = args["input_size"]
+    table += (f"### Checkpointing step (dense model, batch {args['batch']}; train state"
+              f" {results['checkpoint'][0]['state_gib']:.2f} GiB: parameters, EMA, Adam)\n\n"
+              + markdown(results["checkpoint"], CHECKPOINT_COLUMNS))
+    if results["loader"]:
+      table += (f"\n### Input pipeline alone vs the train step (batch {args['batch']},"
+                f" {args['loader_records']} ArrayRecord VAE posteriors {size}x{size}x"
+                f"{args['in_channels']})\n\n" + markdown(results["loader"], LOADER_COLUMNS))
   return table
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -12,8 +12,9 @@ samples.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
+from sgjax import cli
 from sgjax.metrics import npz
 
 _SAMPLES = flags.DEFINE_string("samples", None, "ADM-format .npz: arr_0 uint8 [N, H, W, C],"
@@ -36,4 +37,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

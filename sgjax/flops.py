@@ -249,7 +249,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   FLAGS = flags.FLAGS
@@ -262,4 +262,5 @@ if __name__ == "__main__":
   sample.define_guidance_flags(default_rule=None)
   flags.DEFINE_integer("steps", 40, "Euler sampling steps (matters for schedules).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from sgjax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

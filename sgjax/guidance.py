@@ -58,6 +58,22 @@ AUX_RULES = ("ag", "ag+sg")
 NULL_LABEL_RULES = ("cfg", "cfg+sg")
 # Rules whose guidance signal is the sparsity gap alone: gamma_strong < gamma_weak required.
 SPARSITY_GAP_RULES = ("sg", "cfg+sg")
+# (gamma_strong, gamma_weak) of the paper's SG_FLOPS setting (Table 2): what a sparsity-gap
+# rule given neither rate runs with (`default_gammas`).
+SG_FLOPS_GAMMAS = (0.5, 0.9)
+
+
+def default_gammas(rule: str, gamma_strong: float | None,
+                   gamma_weak: float | None) -> tuple[float, float]:
+  """(gamma_strong, gamma_weak) with unset (None) rates filled in.
+
+  A sparsity-gap rule given neither rate takes SG_FLOPS_GAMMAS (at the dense 0 / 0 it has no
+  guidance signal and is refused); otherwise an unset rate is 0, dense.
+  """
+  if gamma_strong is None and gamma_weak is None and rule in SPARSITY_GAP_RULES:
+    return SG_FLOPS_GAMMAS
+  return (0.0 if gamma_strong is None else gamma_strong,
+          0.0 if gamma_weak is None else gamma_weak)
 
 
 @dataclasses.dataclass(frozen=True)

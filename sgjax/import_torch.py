@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from sgjax import checkpoint, config as config_lib, logs, torch_state, train_state
+from sgjax import checkpoint, cli, config as config_lib, logs, paths, torch_state
+from sgjax import train_state
 from sgjax.models import dit, dit_torch
 
 FLAGS = flags.FLAGS
@@ -74,9 +75,7 @@ def import_checkpoint(path: str, arch: str, model: str, out: str, *, ema: bool =
   the commands that sample and finetune it."""
   convention = dit_torch.check_arch(arch)
   dit.parse_model_name(model)  # names the accepted forms on a typo
-  checkpoint.local_path(out, "out")
-  if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(
-      os.path.join(out, "config.json")):
+  if any(paths.resolve(out).joinpath(name).exists() for name in ("checkpoints", "config.json")):
     raise ValueError(f"--out={out!r} already holds a run (or an interrupted import); import"
                      " into a new folder.")
   if not os.path.isfile(path):
@@ -173,4 +172,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["checkpoint", "arch", "model", "out"])
-  app.run(main)
+  cli.run(main)

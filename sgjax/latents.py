@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from sgjax import distributed, logs, sharding
+from sgjax import cli, distributed, logs, paths, sharding
 from sgjax.data import images as images_lib
 from sgjax.data import sources
 from sgjax.models import vae as vae_lib
@@ -109,6 +109,10 @@ def precompute(source: str, vae_dir: str, out: str, *, resolution: int = 256,
                batch_size: int = 64, data_dir: str | None = None, dtype: str = "float32",
                devices=None) -> dict:
   """The `python -m sgjax.latents` command as a function; returns the manifest."""
+  if paths.is_remote(out):
+    raise ValueError(f"--out={out!r}: ArrayRecord shards are written as local files; write"
+                     " them to a local or mounted folder, then copy them to the bucket"
+                     " (`gcloud storage cp -r OUT gs://...`): training reads gs:// shards.")
   collection = images_lib.open_images(source, data_dir)
   model = vae_lib.load(vae_dir, dtype)
   if resolution % model.cfg.downsample_factor:
@@ -216,4 +220,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["source", "vae", "out"])
-  app.run(main)
+  cli.run(main)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging as py_logging
-import os
 import platform
 import time
 
 from absl import logging
+
+from sgjax import paths
 
 
 class _DropLibraryChatter(py_logging.Filter):
@@ -26,19 +27,21 @@ def quiet_libraries() -> None:
   py_logging.getLogger("absl").addFilter(_DropLibraryChatter())
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-  """Drops the lines of a metrics.jsonl whose step is past `last_step`."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+def read_jsonl(path: str, last_step: int | None = None) -> list[str]:
+  """The lines of a metrics.jsonl (none if it does not exist), without those past
+  `last_step`."""
+  if not paths.resolve(path).exists():
+    return []
+  return [line + "\n" for line in paths.read_text(path).splitlines() if line.strip() and (
+      last_step is None or json.loads(line)["step"] <= last_step)]
 
 
 class MetricLogger:
-  """Writes one record per logged step and prints step, loss, images/s, tokens/s, ETA."""
+  """Writes one record per logged step and prints step, loss, images/s, tokens/s, ETA.
+
+  metrics.jsonl is rewritten whole at each record (object stores have no append), so a
+  reader never sees a partial line.
+  """
 
   def __init__(self, workdir: str, *, start_step: int, total_steps: int, batch_size: int,
                tokens_per_image: int, enabled: bool = True):
@@ -47,14 +50,14 @@ class MetricLogger:
     self.batch_size = batch_size
     self.tokens_per_image = tokens_per_image
     self._last = (start_step, time.perf_counter())
-    self._jsonl = self._tb = None
+    self._tb = None
     self._first = True
     if enabled:
-      path = os.path.join(workdir, "metrics.jsonl")
-      truncate_jsonl(path, start_step)
-      self._jsonl = open(path, "a")
+      self._jsonl = paths.join(workdir, "metrics.jsonl")
+      self._lines = read_jsonl(self._jsonl, start_step)
+      paths.write_text(self._jsonl, "".join(self._lines))
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     now = time.perf_counter()
@@ -73,15 +76,14 @@ class MetricLogger:
       logging.info("step %d/%d  loss %.4f  %.1f img/s  %.0f tok/s  ETA %s", step,
                    self.total_steps, record["loss"], record["images_per_s"],
                    record["tokens_per_s"], _duration(eta))
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._lines.append(json.dumps(record) + "\n")
+    paths.write_text(self._jsonl, "".join(self._lines))
     for name, value in record.items():
       if name != "step":
         self._tb.add_scalar(f"train/{name}", value, step)
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
       self._tb.close()
 
 

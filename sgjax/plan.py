@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 from ml_collections import config_flags
 
-from sgjax import config as config_lib, flow, sharding, train_state
+from sgjax import cli, config as config_lib, flow, sharding, train_state
 
 FLAGS = flags.FLAGS
 GIB = 2**30
@@ -212,4 +212,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

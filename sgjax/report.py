@@ -11,24 +11,20 @@ import json
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from sgjax import logs, scenes_report, sweep
+from sgjax import cli, logs, paths, scenes_report, sweep
 
 
 def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
-  with open(os.path.join(run, "model", "config.json")) as f:
-    config = json.load(f)
-  with open(os.path.join(run, "model", "metrics.jsonl")) as f:
-    last = json.loads(f.read().strip().splitlines()[-1])
-  with open(os.path.join(run, "compare", "sweep.md")) as f:
-    table = f.read()
+  config = paths.read_json(paths.join(run, "model", "config.json"))
+  last = json.loads(logs.read_jsonl(paths.join(run, "model", "metrics.jsonl"))[-1])
+  table = paths.read_text(paths.join(run, "compare", "sweep.md"))
   model, train = config["model"], config["train"]
-  with open(os.path.join(run, "compare", "sweep.json")) as f:
-    entries = json.load(f)
+  entries = paths.read_json(paths.join(run, "compare", "sweep.json"))
   grids = "\n".join(f"- {sweep.label(e)}: [grid](compare/{e['slug']}/seed0/grid.png)"
                     for e in entries)
-  heatmaps = sorted(n for n in os.listdir(os.path.join(run, "heatmap")) if n.endswith(".png"))
+  heatmaps = sorted(p.name for p in paths.resolve(run).joinpath("heatmap").glob("*.png"))
   lines = [
       "# sgjax demo: guidance on the bundled digits",
       "",
@@ -58,9 +54,8 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
           f"[{name}](heatmap/{name})" for name in heatmaps),
       "",
   ]
-  path = os.path.join(run, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  path = paths.join(run, "report.md")
+  paths.write_text(path, "\n".join(lines))
   return path
 
 
@@ -72,12 +67,12 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  with open(os.path.join(flags.FLAGS.run, "model", "config.json")) as f:
-    text_to_image = json.load(f)["model"].get("arch") == "trdit"
+  config = paths.read_json(paths.join(flags.FLAGS.run, "model", "config.json"))
+  text_to_image = config["model"].get("arch") == "trdit"
   write = scenes_report.write_report if text_to_image else write_report
   print(write(flags.FLAGS.run, flags.FLAGS.train_seconds, flags.FLAGS.sweep_seconds))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

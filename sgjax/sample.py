@@ -19,8 +19,6 @@ captioned with them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import textwrap
 import time
 
@@ -28,7 +26,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from sgjax import checkpoint, distributed, guidance as guidance_lib, logs, sampling, sharding
+from sgjax import checkpoint, cli, distributed, guidance as guidance_lib, logs, paths
+from sgjax import sampling, sharding
 from sgjax.data import sources
 from sgjax.models import vae as vae_lib
 from sgjax.text import conditioning
@@ -40,8 +39,10 @@ def define_guidance_flags(default_rule: str | None = "sg") -> None:
   """The guidance flags shared by `sgjax.sample` and `sgjax.flops`."""
   flags.DEFINE_enum("guidance", default_rule, list(guidance_lib.RULES), "Guidance rule.")
   flags.DEFINE_float("omega", 1.5, "Guidance scale (1 = no guidance).")
-  flags.DEFINE_float("gamma_strong", 0.0, "Sparsity rate of the strong branch.")
-  flags.DEFINE_float("gamma_weak", 0.0, "Sparsity rate of the weak branch.")
+  flags.DEFINE_float("gamma_strong", None, "Sparsity rate of the strong branch (default 0;"
+                     " 0.5 for sg and cfg+sg when neither gamma is given).")
+  flags.DEFINE_float("gamma_weak", None, "Sparsity rate of the weak branch (default 0; 0.9 for"
+                     " sg and cfg+sg when neither gamma is given).")
   flags.DEFINE_enum("schedule", "constant", list(guidance_lib.SCHEDULES), "Gamma schedule.")
   flags.DEFINE_float("gamma_strong_end", None, "cosine: strong-branch rate at the last step.")
   flags.DEFINE_float("gamma_weak_end", None, "cosine: weak-branch rate at the last step.")
@@ -54,9 +55,16 @@ def define_guidance_flags(default_rule: str | None = "sg") -> None:
 
 def guidance_from_flags() -> guidance_lib.GuidanceConfig:
   interval = None if not FLAGS.interval else tuple(float(v) for v in FLAGS.interval)
+  gamma_strong, gamma_weak = guidance_lib.default_gammas(FLAGS.guidance, FLAGS.gamma_strong,
+                                                         FLAGS.gamma_weak)
+  if (FLAGS.guidance in guidance_lib.SPARSITY_GAP_RULES and FLAGS.gamma_strong is None
+      and FLAGS.gamma_weak is None):
+    logging.info("--guidance=%s without --gamma_strong/--gamma_weak: using the paper's"
+                 " SG_FLOPS rates gamma_strong=%g, gamma_weak=%g", FLAGS.guidance, gamma_strong,
+                 gamma_weak)
   return guidance_lib.GuidanceConfig(
-      rule=FLAGS.guidance, omega=FLAGS.omega, gamma_strong=FLAGS.gamma_strong,
-      gamma_weak=FLAGS.gamma_weak, schedule=FLAGS.schedule,
+      rule=FLAGS.guidance, omega=FLAGS.omega, gamma_strong=gamma_strong,
+      gamma_weak=gamma_weak, schedule=FLAGS.schedule,
       gamma_strong_end=FLAGS.gamma_strong_end, gamma_weak_end=FLAGS.gamma_weak_end,
       num_levels=FLAGS.num_levels, interval=interval).validate()
 
@@ -95,7 +103,7 @@ def save_grid(path: str, images: np.ndarray, labels: np.ndarray, columns: int = 
     x, y = (i % columns) * (cell_w + 2), (i // columns) * (cell_h + caption + 2)
     grid.paste(tile.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y + caption))
     draw.multiline_text((x + 2, y), text, fill="black", spacing=1)
-  grid.save(path)
+  paths.save_image(grid, path)
 
 
 def preview_grid(model, mesh, path: str, *, seed: int = 0, steps: int = 20) -> None:
@@ -109,8 +117,26 @@ def preview_grid(model, mesh, path: str, *, seed: int = 0, steps: int = 20) -> N
                              mesh=mesh)
   images = sources.to_uint8(distributed.to_host(sampler(labels, seed)))
   if distributed.is_primary():
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(path, images, labels)
+
+
+def check_sample_counts(num_samples: int, batch_size: int) -> None:
+  for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+    if value < 1:
+      raise ValueError(f"--{name}={value} must be >= 1.")
+
+
+def check_finite(batches: list[np.ndarray], num_samples: int,
+                 guidance: guidance_lib.GuidanceConfig) -> None:
+  """Raises FloatingPointError, saying how many are affected, unless the first `num_samples`
+  samples of `batches` ([B, ...] each, in order) are finite: called before writing anything."""
+  bad = np.concatenate([~np.isfinite(b.reshape(len(b), -1)).all(axis=1) for b in batches])
+  bad = bad[:num_samples]
+  if bad.any():
+    raise FloatingPointError(
+        f"{int(bad.sum())} of {num_samples} samples hold NaN or inf (the first: sample"
+        f" {int(bad.argmax())}); nothing was written. Lower the guidance scale (omega="
+        f"{guidance.omega:g}), or sample an earlier checkpoint (--step) if this one diverged.")
 
 
 def sampling_mesh(batch_size: int):
@@ -170,8 +196,8 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
     return None
   found = list(prompts or [])
   if prompts_file:
-    with open(prompts_file) as f:
-      from_file = [line.strip() for line in f if line.strip()]
+    from_file = [line.strip() for line in paths.read_text(prompts_file).splitlines()
+                 if line.strip()]
     if not from_file:
       raise ValueError(f"--prompts_file={prompts_file!r} holds no prompt: write one caption a"
                        " line.")
@@ -196,8 +222,7 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   batch_size but never on the device count. `warmup` runs the first batch once untimed
   (compilation); pass False when this sampler has already run a batch of this size.
   """
-  if num_samples < 1:
-    raise ValueError(f"--num_samples={num_samples} must be >= 1.")
+  check_sample_counts(num_samples, batch_size)
   base = jax.random.key(seed)
   if prompts is None:
     all_labels = make_labels(labels, num_samples, sampler.model_cfg.num_classes,
@@ -220,6 +245,7 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
   outputs = [distributed.to_host(sampler(labels_i, batch_key(i)))
              for i, labels_i in enumerate(batches)]
   wall_s = time.perf_counter() - start
+  check_finite(outputs, num_samples, sampler.guidance)
   samples = np.concatenate(outputs)[:num_samples]
   decode_s = None
   if latent_scale is not None and decode is not None:
@@ -233,14 +259,14 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
     kinds.append("latents")
 
   if distributed.is_primary():
-    os.makedirs(out, exist_ok=True)
     if "images" in kinds:
       images = (sources.to_uint8(samples) if latent_scale is None
                 else np.concatenate(decoded)[:num_samples])
-      np.savez(os.path.join(out, "samples.npz"), images, all_labels)
-      save_grid(os.path.join(out, "grid.png"), images[:100], all_labels[:100])
+      paths.save_npz(paths.join(out, "samples.npz"), images, all_labels)
+      save_grid(paths.join(out, "grid.png"), images[:100], all_labels[:100])
     if "latents" in kinds:
-      np.savez(os.path.join(out, "latents.npz"), samples / np.float32(latent_scale), all_labels)
+      paths.save_npz(paths.join(out, "latents.npz"), samples / np.float32(latent_scale),
+                     all_labels)
   summary = {
       **info, "output": "+".join(kinds), "decode_s": decode_s,
       "guidance": dataclasses.asdict(sampler.guidance), "num_samples": num_samples,
@@ -252,8 +278,7 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
       **sampler.plan.summary(),
   }
   if distributed.is_primary():
-    with open(os.path.join(out, "sampling.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    paths.write_json(paths.join(out, "sampling.json"), summary)
   logging.info("%d samples in %.2fs (%.1f images/s, %.3f GFLOPs/image over the trajectory)"
                " -> %s", num_samples, wall_s, summary["images_per_s"],
                summary["trajectory_gflops_true"], out)
@@ -265,16 +290,15 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
         num_samples=64, batch_size=64, labels="balanced", seed=0, vae=None,
         save_latents=False, prompts: list[str] | None = None) -> dict:
   """The `python -m sgjax.sample` command as a function."""
-  checkpoint.local_path(workdir, "workdir")  # first: the default --out lies inside it
-  checkpoint.local_path(out, "out")
+  check_sample_counts(num_samples, batch_size)
   mesh = sampling_mesh(batch_size)
   model, aux_model, config, steps_info = load_models(
       workdir, guidance, mesh, step=step, ema=ema, aux_workdir=aux_workdir, aux_step=aux_step)
   encoder = text_encoder(config, model.cfg, prompts)
   sampler = sampling.Sampler(model, guidance, steps=steps, solver=solver,
                              aux_model=aux_model, mesh=mesh, nested=nested)
-  info = {"workdir": os.path.abspath(workdir), "ema": ema, "nested": nested,
-          "aux_workdir": aux_workdir and os.path.abspath(aux_workdir), **steps_info}
+  info = {"workdir": paths.join(workdir), "ema": ema, "nested": nested,
+          "aux_workdir": aux_workdir and paths.join(aux_workdir), **steps_info}
   decode = latent_decoder(config, mesh, vae)
   if latent_scale_of(config) is not None and decode is None:
     logging.info("no VAE given (--vae or data.vae): writing latents.npz, not images")
@@ -336,7 +360,7 @@ def main(argv):
   distributed.initialize_from_flags()  # multi-host jobs: before any JAX computation
   logs.quiet_libraries()
   guidance = guidance_from_flags()
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", guidance.slug)
+  out = FLAGS.out or paths.join(FLAGS.workdir, "samples", guidance.slug)
   run(FLAGS.workdir, guidance, out, step=FLAGS.step, ema=FLAGS.ema,
       aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step, steps=FLAGS.steps,
       solver=FLAGS.solver, nested=FLAGS.nested, num_samples=FLAGS.num_samples,
@@ -347,4 +371,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

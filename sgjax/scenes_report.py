@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 import os
 
 import jax
 import numpy as np
 from scipy import stats
 
-from sgjax import logs, sweep
+from sgjax import logs, paths, sweep
 from sgjax.metrics import scenes
 
 METRICS = ("full", "digit", "colour", "relation", "count", "diversity")
@@ -40,7 +39,7 @@ def _fmt(values) -> str:
 def _rows(path: str) -> dict[str, dict[int, dict]]:
   """slug -> seed -> row of sweep.csv (numbers parsed)."""
   out: dict[str, dict[int, dict]] = {}
-  with open(path) as f:
+  with paths.resolve(path).open() as f:
     for row in csv.DictReader(f):
       parsed = {}
       for key, value in row.items():
@@ -59,9 +58,8 @@ def paired(rows, slug: str, base: str, metric: str) -> str:
 
 
 def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
-  with open(os.path.join(run, "model", "config.json")) as f:
-    config = json.load(f)
-  rows = _rows(os.path.join(run, "compare", "sweep.csv"))
+  config = paths.read_json(paths.join(run, "model", "config.json"))
+  rows = _rows(paths.join(run, "compare", "sweep.csv"))
   first = {slug: next(iter(by_seed.values())) for slug, by_seed in rows.items()}
   names = {slug: sweep.label(row) for slug, row in first.items()}
   base = next(slug for slug, row in first.items()
@@ -120,7 +118,6 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
           f"[{names[slug]}](compare/{slug}/seed0/grid.png)" for slug in rows),
       "",
   ]
-  path = os.path.join(run, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  path = paths.join(run, "report.md")
+  paths.write_text(path, "\n".join(lines))
   return path

@@ -6,26 +6,25 @@
 
 Each --grid is a Cartesian product of `field=v1,v2` parts over GuidanceConfig's fields
 (rule, omega, gamma_strong, gamma_weak, schedule, gamma_strong_end, gamma_weak_end);
-combinations a rule forbids (gamma_strong >= gamma_weak for sg) are skipped. Writes into
-OUT (default WORKDIR/sweep): one folder per setting and seed (samples, sampling.json,
-metrics.json; finished ones are reused, so a sweep resumes), sweep.csv, sweep.md, one FID
-heatmap over (gamma_strong, gamma_weak) per omega for each sparse rule, and the metric
-against GFLOPs per image with the Pareto front marked.
+sg and cfg+sg given neither gamma take the paper's SG_FLOPS 0.5 / 0.9, an unset gamma is
+otherwise 0, and combinations a rule forbids (gamma_strong >= gamma_weak for sg) are
+skipped. Writes into OUT (default WORKDIR/sweep): one folder per setting and seed (samples,
+sampling.json, metrics.json; finished ones are reused, so a sweep resumes), sweep.csv,
+sweep.md, one FID heatmap over (gamma_strong, gamma_weak) per omega for each sparse rule,
+and the metric against GFLOPs per image with the Pareto front marked.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import json
-import os
 import warnings
 
 import numpy as np
 from absl import app, flags, logging
 
 from sgjax import checkpoint, config as config_lib, guidance as guidance_lib, logs, sample
-from sgjax import sampling
+from sgjax import cli, paths, sampling
 from sgjax.data import scenes
 from sgjax.metrics import npz
 
@@ -49,7 +48,10 @@ def parse_grid(spec: str) -> list[guidance_lib.GuidanceConfig]:
     raise ValueError(f"--grid={spec!r} names no rule (e.g. 'rule=sg;omega=1.5').")
   settings = []
   for values in itertools.product(*axes.values()):
-    setting = guidance_lib.GuidanceConfig(**dict(zip(axes, values)))
+    fields = dict(zip(axes, values))
+    fields["gamma_strong"], fields["gamma_weak"] = guidance_lib.default_gammas(
+        fields["rule"], fields.get("gamma_strong"), fields.get("gamma_weak"))
+    setting = guidance_lib.GuidanceConfig(**fields)
     try:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,12 +63,11 @@ def parse_grid(spec: str) -> list[guidance_lib.GuidanceConfig]:
 
 def _done(folder: str, spec: dict) -> bool:
   """Whether `folder` holds results made exactly as `spec` says (spec.json is written last)."""
-  path = os.path.join(folder, "spec.json")
-  if not os.path.exists(path):
+  path = paths.join(folder, "spec.json")
+  if not paths.resolve(path).exists():
     return False
-  with open(path) as f:
-    if json.load(f) == spec:
-      return True
+  if paths.read_json(path) == spec:
+    return True
   logging.info("redoing %s: it was sampled or evaluated with other settings", folder)
   return False
 
@@ -86,7 +87,9 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   if not settings:
     raise ValueError("the grid holds no valid setting (the log says why each combination was"
                      " skipped).")
-  checkpoint.local_path(out, "out")
+  if not seeds:
+    raise ValueError("--seeds is empty: give at least one sample seed, e.g. --seeds=0,1,2.")
+  sample.check_sample_counts(num_samples, batch_size)
   npz.check_inputs(metric, reference, inception_weights)
   for setting in settings:
     sample.check_aux(setting, aux_workdir, aux_step)
@@ -100,18 +103,18 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
                      " --config.data.vae=DIR).")
   model_cfg = config_lib.model_config(config["model"])
   encoder = sample.text_encoder(config, model_cfg, prompts)
-  spec = {"workdir": os.path.abspath(workdir), "step": step, "steps": steps,
+  spec = {"workdir": paths.join(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
-          "reference": reference and os.path.abspath(reference)}
+          "reference": reference and paths.join(reference)}
   if prompts is not None:
     spec["prompts"] = prompts
   if latent_scale is not None:  # the decoder is part of what made the images
-    spec["vae"] = os.path.abspath(vae or config["data"]["vae"])
+    spec["vae"] = paths.join(vae or config["data"]["vae"])
   aux_spec, aux_cfg = {}, None
   if any(setting.uses_aux for setting in settings):
     aux_config, aux_step = checkpoint.run_config(aux_workdir or workdir, aux_step)
     aux_cfg = config_lib.model_config(aux_config["model"])
-    aux_spec = {"aux_workdir": os.path.abspath(aux_workdir or workdir), "aux_step": aux_step}
+    aux_spec = {"aux_workdir": paths.join(aux_workdir or workdir), "aux_step": aux_step}
   for setting in settings:  # token counts per step: raises on a setting the model cannot run
     sampling.make_plan(model_cfg, setting, steps=steps,
                        aux_cfg=aux_cfg if setting.uses_aux else None)
@@ -121,7 +124,7 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
     sampler, warm = None, False
     setting_spec = {**spec, **(aux_spec if setting.uses_aux else {})}
     for seed in seeds:
-      folder = os.path.join(out, setting.slug, f"seed{seed}")
+      folder = paths.join(out, setting.slug, f"seed{seed}")
       if not _done(folder, setting_spec):
         if sampler is None:
           if setting.uses_aux not in models:
@@ -132,23 +135,20 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
                                      mesh=mesh)
         sample.sample_to_dir(sampler, folder, num_samples=num_samples, batch_size=batch_size,
                              labels="balanced", seed=seed, warmup=not warm,
-                             info={"workdir": os.path.abspath(workdir), **info},
+                             info={"workdir": paths.join(workdir), **info},
                              latent_scale=latent_scale, decode=decode, prompts=prompts,
                              encoder=encoder)
         warm = True
-        npz.evaluate_npz(os.path.join(folder, "samples.npz"), reference, metric,
+        npz.evaluate_npz(paths.join(folder, "samples.npz"), reference, metric,
                          inception_weights, batch_size)
-        with open(os.path.join(folder, "spec.json"), "w") as f:
-          json.dump(setting_spec, f, indent=2)
+        paths.write_json(paths.join(folder, "spec.json"), setting_spec)
       rows.append(_row(setting, seed, folder))
   return rows
 
 
 def _row(setting, seed, folder) -> dict:
-  with open(os.path.join(folder, "sampling.json")) as f:
-    sampled = json.load(f)
-  with open(os.path.join(folder, "metrics.json")) as f:
-    measured = json.load(f)
+  sampled = paths.read_json(paths.join(folder, "sampling.json"))
+  measured = paths.read_json(paths.join(folder, "metrics.json"))
   row = {name: getattr(setting, name) for name in SETTING_COLUMNS}
   row.update(slug=setting.slug, seed=seed, gflops_true=sampled["gflops_true"],
              gflops_paper=sampled["gflops_paper"], nfe=sampled["nfe"],
@@ -216,8 +216,7 @@ def write_table(entries: list[dict], path: str, metrics: list[str]) -> None:
     cells += [f"{e['gflops_true']:.4f}", f"{e['gflops_paper']:.4f}",
               f"{e['images_per_s']:.1f} ± {e['images_per_s_std']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_text(path, "\n".join(lines) + "\n")
 
 
 def plot(entries: list[dict], out: str, metric: str) -> list[str]:
@@ -252,8 +251,8 @@ def plot(entries: list[dict], out: str, metric: str) -> list[str]:
       ax.set_ylabel("gamma_strong")
       ax.set_title(f"{rule}, omega={omega:g}")
     fig.colorbar(image, ax=axes[0].tolist(), label=metric)
-    path = os.path.join(out, f"heatmap_{rule.replace('+', '_')}_{metric}.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    path = paths.join(out, f"heatmap_{rule.replace('+', '_')}_{metric}.png")
+    paths.save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
 
@@ -268,23 +267,21 @@ def plot(entries: list[dict], out: str, metric: str) -> list[str]:
   ax.set_xlabel("GFLOPs per image per sampling step (true)")
   ax.set_ylabel(metric)
   ax.legend(fontsize=7)
-  path = os.path.join(out, f"pareto_{metric}.png")
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  path = paths.join(out, f"pareto_{metric}.png")
+  paths.save_figure(fig, path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return written + [path]
 
 
 def write_outputs(rows: list[dict], out: str, metrics: list[str]) -> list[dict]:
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+  with paths.open_write(paths.join(out, "sweep.csv"), "w") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
   entries = aggregate(rows)
   metrics = [m for m in metrics if m in entries[0]]
-  write_table(entries, os.path.join(out, "sweep.md"), metrics)
-  with open(os.path.join(out, "sweep.json"), "w") as f:
-    json.dump(entries, f, indent=2)
+  write_table(entries, paths.join(out, "sweep.md"), metrics)
+  paths.write_json(paths.join(out, "sweep.json"), entries)
   plot(entries, out, metrics[0])
   return entries
 
@@ -319,7 +316,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   settings = [s for spec in FLAGS.grid for s in parse_grid(spec)]
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "sweep")
+  out = FLAGS.out or paths.join(FLAGS.workdir, "sweep")
   prompts = sample.read_prompts(None, FLAGS.prompts_file)
   if prompts is None and FLAGS.metric == "scenes":
     prompts = scenes.prompt_set(max(1, FLAGS.num_samples // 4), seed=0)
@@ -334,10 +331,10 @@ def main(argv):
              "scenes": ["full", "digit", "colour", "relation", "count", "diversity"]
              }[FLAGS.metric]
   write_outputs(rows, out, metrics)
-  print(open(os.path.join(out, "sweep.md")).read())
+  print(paths.read_text(paths.join(out, "sweep.md")))
 
 
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir", "grid"])
-  app.run(main)
+  cli.run(main)

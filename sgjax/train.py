@@ -11,8 +11,6 @@ scheduler can tell a stop to resume from a finished run (status 0).
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
 
@@ -23,8 +21,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from sgjax import checkpoint, config as config_lib, distributed, flow, logs, sample, sharding
-from sgjax import train_state
+from sgjax import checkpoint, config as config_lib, distributed, flow, logs, paths, sample
+from sgjax import cli, sharding, train_state
 from sgjax.data import pipeline, sources
 from sgjax.text import conditioning
 
@@ -86,15 +84,14 @@ class Preemption:
 def prepare_workdir(config, workdir: str, saved: dict | None, step: int | None = None) -> None:
   """Refuses a workdir that holds another run; writes the resolved config.json.
 
-  `saved` is the config of the latest checkpoint, at `step` (the authority when there is
+  `saved` is the config of the checkpoint resumed from, at `step` (the authority when there is
   one); without a checkpoint, config.json of a run that stopped before its first save is
   compared, so that its logs are not cut back for a different run.
   """
-  path = os.path.join(workdir, "config.json")
+  path = paths.join(workdir, "config.json")
   current = config.to_dict()
-  if saved is None and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if saved is None and paths.resolve(path).exists():
+    saved = paths.read_json(path)
   if saved is not None:
     for change in config_lib.resume_changes(saved, current, step):
       logging.info("resuming with a changed setting: %s", change)
@@ -133,11 +130,6 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices,
                             config.mesh.dcn_data)
   check_batch_size(config.train.batch_size, mesh)
-  # Every process opens the checkpoints the same way (orbax synchronises them).
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts,
-                                 keep_every=config.train.get("keep_every", 0))
-  start = ckpt.latest_step()
-  prepare_workdir(config, workdir, None if start is None else ckpt.restore_config(start), start)
   source = sources.make_source(config.data, "train", model_cfg)
   condition = train_state.label_condition
   if model_cfg.text_conditioned:
@@ -147,17 +139,28 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     condition = conditioning.condition_fn(encoder)
   check_batch({k: np.asarray(v)[None] for k, v in source[0].items()}, model_cfg,
               "the dataset's first example")
-
-  # Abstract init -> shardings -> state, fresh or restored.
+  # Every process opens the checkpoints the same way (orbax synchronises them).
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts,
+                                 keep_every=config.train.get("keep_every", 0))
+  # Abstract init -> shardings -> the state of the newest checkpoint that reads, if any.
   tx = train_state.make_optimizer(optim_cfg)
   graphdef, abstract, shardings = train_state.abstract_state(
       model_cfg, tx, mesh, config.mesh.preset, config.seed)
+
+  def resume(step: int):
+    saved = ckpt.restore_config(step)
+    config_lib.resume_changes(saved, config.to_dict(), step)  # another run: before its weights
+    return saved, ckpt.restore(step, abstract)
+
+  # Damaged newer steps are reported and set aside: they would block saving those steps.
+  start, resumed = ckpt.newest_intact(resume, set_aside=True)
+  saved, state = resumed or (None, None)
+  prepare_workdir(config, workdir, saved, start)
   if start is None:
     start = 0
     state = train_state.init_state(model_cfg, tx, shardings, config.seed)
   else:
     logging.info("resuming from the checkpoint at step %d", start)
-    state = ckpt.restore(start, abstract)
   # The data stream resumes at the batch after the last step, whatever the process count.
   data_iter = pipeline.make_iterator(
       source, global_batch=config.train.batch_size, seed=config.seed, flip=config.data.flip,
@@ -206,7 +209,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
           last_saved = step
         if previews and step % config.train.sample_every == 0:
           sample.preview_grid(nnx.merge(graphdef, state["ema"]), mesh,
-                              os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                              paths.join(workdir, "samples", f"step_{step:07d}.png"),
                               seed=config.seed)
         if preempted:
           break
@@ -255,4 +258,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

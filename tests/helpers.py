@@ -2,17 +2,36 @@
 
 import glob
 import io
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 from flax import nnx
 
+from configs import digits
 from sgjax.data import sources
 from sgjax.metrics import inception
 from sgjax.models import dit, registry
 from sgjax.sparsity import Route
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def runlocal(**train_overrides):
+  """The digits config's seconds-long `runlocal` variant, with config.train overrides."""
+  config = digits.get_config("runlocal")
+  config.train.update(train_overrides)
+  return config
+
+
+def losses(workdir) -> dict[int, float]:
+  """{step: loss} of a run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def tiny_config(sparsity="routing", **overrides) -> dit.DiTConfig:
@@ -93,3 +112,23 @@ def latent_records(out: str, field: str | None = None) -> list:
       raw = np.load(io.BytesIO(source[i]))
       items.append((int(raw["index"]), bool(raw["flipped"])) if field is None else raw[field])
   return items
+
+
+def run_command(module: str, *args: str, timeout: float = 300,
+                **env: str) -> subprocess.CompletedProcess:
+  """`python -m module args` from the repository root, with this process's environment (the
+  fake devices and compilation cache of conftest.py, but no SGJAX_TRACEBACK) plus `env`."""
+  env = {**{k: v for k, v in os.environ.items() if k != "SGJAX_TRACEBACK"}, **env}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, check=False, env=env)
+
+
+def user_error_line(result: subprocess.CompletedProcess, prog: str) -> str:
+  """The one `PROG: error: ...` line of a command that failed on a user error (exit status 2,
+  no traceback; log lines may come before it)."""
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in lines if line.startswith(f"{prog}: error: ")]
+  assert errors == lines[-1:], lines[-5:]
+  return errors[0]

@@ -121,3 +121,13 @@ def test_ag_sg_with_a_never_sparser_auxiliary_warns_but_the_papers_setting_does_
     SG_FID.validate()
     GuidanceConfig(rule="sg", omega=1.5, gamma_strong=0.5, gamma_weak=0.9).validate()
     GuidanceConfig(rule="none", omega=1.0).validate()
+
+
+def test_sparsity_gap_rules_given_no_gamma_take_the_papers_sg_flops_rates():
+  for rule in guidance.SPARSITY_GAP_RULES:
+    gammas = guidance.default_gammas(rule, None, None)
+    assert gammas == (0.5, 0.9)
+    GuidanceConfig(rule=rule, gamma_strong=gammas[0], gamma_weak=gammas[1]).validate()
+  assert guidance.default_gammas("cfg", None, None) == (0.0, 0.0)  # dense
+  assert guidance.default_gammas("sg", None, 0.6) == (0.0, 0.6)  # one given: the other is 0
+  assert guidance.default_gammas("cfg+sg", 0.2, 0.7) == (0.2, 0.7)

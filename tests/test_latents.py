@@ -141,6 +141,8 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     latents.precompute(source, str(tmp_path), str(tmp_path / "out"))
   with pytest.raises(ValueError, match="not a multiple of the VAE's downsampling factor 2"):
     latents.precompute(source, VAE_DIR, str(tmp_path / "out"), resolution=15)
+  with pytest.raises(ValueError, match="'gs://b/latents': ArrayRecord shards are written as"):
+    latents.precompute(source, VAE_DIR, "gs://b/latents")
   config = imagenet256.get_config("runlocal")
   config.data.update(source="latents", vae=VAE_DIR)
   config.model.in_channels = 3

@@ -63,11 +63,6 @@ def test_sample_rejects_bad_input(run, tmp_path):
     sample.run(str(run / "model"), guidance_lib.GuidanceConfig(rule="ag"), str(tmp_path / "o"))
   with pytest.raises(ValueError, match="batch_size=12"):
     sample.run(str(run / "model"), sg(), str(tmp_path / "o"), batch_size=12)
-  for workdir, out, flag in (("gs://bucket/run", "gs://bucket/run/samples", "workdir"),
-                             (str(run / "model"), "gs://bucket/o", "out")):
-    with pytest.raises(ValueError, match=f"--{flag}='gs://bucket/.*URLs are not supported"):
-      sample.run(workdir, sg(), out)
-  assert not os.path.exists("gs:")  # nothing was written to a local look-alike
   out = subprocess.run([sys.executable, "-m", "sgjax.sample", f"--workdir={run / 'model'}",
                         "--guidance=sparse"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "XLA_FLAGS": ""}, timeout=120)
@@ -79,10 +74,47 @@ def test_prompts_for_a_class_conditional_run_are_refused(run, tmp_path):
     sample.run(str(run / "model"), sg(), str(tmp_path / "o"), prompts=["a red 3"])
 
 
+def test_sample_command_defaults_sg_to_the_papers_gammas_and_reports_user_errors(run, tmp_path):
+  small = [f"--workdir={run / 'model'}", "--steps=2", "--num_samples=8", "--batch_size=8"]
+  result = helpers.run_command("sgjax.sample", *small, "--guidance=sg", f"--out={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "sampling.json") as f:
+    used = json.load(f)["guidance"]
+  assert (used["rule"], used["gamma_strong"], used["gamma_weak"]) == ("sg", 0.5, 0.9)
+  assert "SG_FLOPS rates gamma_strong=0.5, gamma_weak=0.9" in result.stderr
+  result = helpers.run_command("sgjax.sample", *small, "--num_samples=0",
+                               f"--out={tmp_path / 'none'}")
+  assert helpers.user_error_line(result, "sgjax.sample") == (
+      "sgjax.sample: error: --num_samples=0 must be >= 1.")
+
+
+def test_non_finite_samples_are_counted_and_nothing_is_written(run, tmp_path):
+  out = tmp_path / "diverged"
+  result = helpers.run_command("sgjax.sample", f"--workdir={run / 'model'}", "--guidance=cfg",
+                               "--omega=1e30", "--steps=2", "--num_samples=10",
+                               "--batch_size=8", f"--out={out}")
+  line = helpers.user_error_line(result, "sgjax.sample")
+  assert "10 of 10 samples hold NaN or inf" in line and "omega=1e+30" in line
+  assert not out.exists()
+  # The count is of samples, not of values or batches, and leaves out the batch's padding.
+  finite = np.zeros((4, 8, 8, 1), np.float32)
+  padded = finite.copy()
+  padded[0, 1, 2, 0], padded[1, :, :, 0], padded[3, 0, 0, 0] = np.inf, np.nan, np.nan
+  with pytest.raises(FloatingPointError, match=r"^2 of 6 samples .* \(the first: sample 4\)"):
+    sample.check_finite([finite, padded], 6, sg())
+  sample.check_finite([finite, padded[2:]], 5, sg())  # only padding is NaN: no error
+
+
 def test_parse_grid_expands_products_and_skips_forbidden_settings():
   settings = sweep.parse_grid("rule=sg;omega=1.5,2;gamma_strong=0,0.5;gamma_weak=0.5,0.8")
   pairs = {(s.omega, s.gamma_strong, s.gamma_weak) for s in settings}
   assert len(settings) == 6 and (1.5, 0.5, 0.5) not in pairs and (2.0, 0.5, 0.8) in pairs
+  # sg and cfg+sg given no gamma take the paper's SG_FLOPS 0.5 / 0.9; other rules stay dense.
+  gammas = {s.rule: (s.gamma_strong, s.gamma_weak)
+            for s in sweep.parse_grid("rule=sg,cfg+sg,cfg,none;omega=2")}
+  assert gammas == {"sg": (0.5, 0.9), "cfg+sg": (0.5, 0.9), "cfg": (0, 0), "none": (0, 0)}
+  assert [(s.gamma_strong, s.gamma_weak) for s in sweep.parse_grid("rule=sg;gamma_weak=0.6")
+          ] == [(0.0, 0.6)]
   with pytest.raises(ValueError, match="unknown field 'omgea'"):
     sweep.parse_grid("rule=sg;omgea=2")
 
@@ -124,19 +156,21 @@ def test_sweep_resumes_and_report_fills_every_row(run):
   assert first.stat().st_mtime_ns != stamp
 
 
-def test_sweep_checks_every_input_before_sampling(run, tmp_path):
+def test_sweep_checks_every_input_before_sampling(run, tmp_path, monkeypatch):
   model, out = str(run / "model"), str(tmp_path / "sweep")
+  monkeypatch.setattr(sample, "load_models",
+                      lambda *args, **kwargs: pytest.fail("a model was loaded before a check"))
   cases = [([], {}, "no valid setting"),
            (sweep.parse_grid("rule=none"), dict(metric="adm"), "needs a reference"),
            (sweep.parse_grid("rule=ag;omega=2"), {}, "needs --aux_workdir"),
-           ([sg(gamma_strong=0.5, gamma_weak=0.51)], {}, "keep 32 and 32 of 64 tokens")]
+           ([sg(gamma_strong=0.5, gamma_weak=0.51)], {}, "keep 32 and 32 of 64 tokens"),
+           (sweep.parse_grid("rule=none"), dict(num_samples=0), "--num_samples=0 must be >= 1"),
+           (sweep.parse_grid("rule=none"), dict(seeds=()), "--seeds is empty")]
   for settings, kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
       sweep.run_sweep(model, settings, out, batch_size=16, **kwargs)
   with pytest.raises(FileNotFoundError, match="--step=7"):
     sweep.run_sweep(model, sweep.parse_grid("rule=none"), out, batch_size=16, step=7)
-  with pytest.raises(ValueError, match="--out='gs://b/sweep'.*URLs are not supported"):
-    sweep.run_sweep(model, sweep.parse_grid("rule=none"), "gs://b/sweep", batch_size=16)
   assert not os.path.exists(out)
 
 

@@ -15,19 +15,9 @@ import pytest
 from configs import digits
 from sgjax import checkpoint, sharding, train, train_state
 from sgjax import config as config_lib
+from tests.helpers import losses, runlocal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def runlocal(**train_overrides):
-  config = digits.get_config("runlocal")
-  config.train.update(train_overrides)
-  return config
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def test_fsdp_8_devices_match_1_device_and_checkpoints_move_between_them(tmp_path):
@@ -127,13 +117,6 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
   config.data.update(source="latents", path=str(tmp_path / "nothing-*.array_record"))
   with pytest.raises(FileNotFoundError, match="matches no ArrayRecord shard"):
     train.train(config, str(tmp_path / "w"))
-
-
-def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # where a plain file API would make gs:/bucket/run
-  with pytest.raises(ValueError, match="--workdir='gs://bucket/run': URLs are not supported"):
-    train.train(runlocal(steps=1), "gs://bucket/run")
-  assert os.listdir(tmp_path) == []
 
 
 def test_data_that_does_not_fit_the_model_fails_before_training(tmp_path):

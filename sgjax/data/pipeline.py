@@ -58,11 +58,18 @@ def check_batch(batch: dict, image_shape: tuple[int, int, int], num_classes: int
 
 
 def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
-                  start_step: int = 0, num_workers: int = 0, shard_index: int = 0,
-                  shard_count: int = 1):
+                  start_step: int = 0, num_workers: int = 0, read_threads: int = 4,
+                  shard_index: int = 0, shard_count: int = 1):
   """An endless iterator of this host's share of the global batches, from batch `start_step`:
   {"image": [global_batch / shard_count, H, W, C] float32, "label": [...] int32} (or, for
   text-to-image sources, the caption's "tokens" or "text" and "mask" in place of "label").
+
+  `num_workers` > 0 builds batches in that many processes (each takes every n-th batch);
+  within each process (or in this one) `read_threads` threads build batches ahead of the
+  train loop, and at most `read_threads` finished batches wait. Grain's default would let
+  500 *batches* pile up per process (its buffer counts elements, here whole batches): GiBs
+  of latents, and far more for captions' hidden states. 0: no threads, each batch is built
+  when the loop asks for it. Neither setting changes the batches.
 
   Each epoch is a fresh permutation of `source` (grain reseeds the shuffle per epoch); the
   latent drawn from a posterior and the flip are drawn per example from the seed and the
@@ -85,7 +92,8 @@ def make_iterator(source, *, global_batch: int, seed: int, flip: bool = False,
     ds = ds.random_map(_flip)
   ds = ds.map(_as_arrays).batch(global_batch // shard_count, drop_remainder=True)
   # Local batch j of global batch s is element s * shard_count + j of the batched stream.
-  ds = ds[shard_index::shard_count][start_step:].to_iter_dataset()
+  ds = ds[shard_index::shard_count][start_step:].to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)

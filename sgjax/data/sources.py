@@ -21,10 +21,11 @@
 
 from __future__ import annotations
 
-import glob
 import io
 
 import numpy as np
+
+from sgjax import paths
 
 DIGITS_HELDOUT = 297
 DIGITS_SPLIT_SEED = 0
@@ -131,14 +132,14 @@ class LatentSource:
   """Precomputed latents from ArrayRecord shards matching a glob pattern."""
 
   def __init__(self, pattern: str, scale: float):
-    paths = sorted(glob.glob(pattern))
-    if not paths:
+    shards = paths.glob(pattern)
+    if not shards:
       raise FileNotFoundError(
           f"data.path={pattern!r} matches no ArrayRecord shard. Encode the dataset to latents"
           " first (records as documented in sgjax/data/sources.py) and point data.path at"
           " them, e.g. --config.data.path='/data/imagenet256_latents/train-*.array_record'.")
     import grain  # pylint: disable=g-import-not-at-top
-    self._source = grain.sources.ArrayRecordDataSource(paths)
+    self._source = grain.sources.ArrayRecordDataSource(shards)
     self.scale = scale
 
   def __len__(self) -> int:

@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from sgjax import sharding
+from sgjax import paths, sharding
 
 
 class NpzArray:
@@ -35,14 +35,13 @@ class NpzArray:
     with self._open() as f:
       header = _read_npy_header(f)
     if header is None:  # an .npy version without a public header reader: load it whole
-      with np.load(path) as data:
-        arr = data[name]
+      arr = paths.load_npz(path)[name]
       header = (arr.shape, arr.dtype, True)
     self.shape, self.dtype, self._load_whole = header
 
   @contextlib.contextmanager
   def _open(self):
-    with zipfile.ZipFile(self.path) as zf:
+    with paths.resolve(self.path).open("rb") as raw, zipfile.ZipFile(raw) as zf:
       member = f"{self.name}.npy"
       if member not in zf.namelist():
         raise KeyError(f"{self.path}: no array {self.name!r} (has"
@@ -55,8 +54,7 @@ class NpzArray:
 
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     if self._load_whole or self.dtype.hasobject:  # rare layouts: fall back to a full load
-      with np.load(self.path) as data:
-        arr = data[self.name]
+      arr = paths.load_npz(self.path)[self.name]
       yield from (arr[i:i + batch_size] for i in range(0, len(arr), batch_size))
       return
     row = int(np.prod(self.shape[1:])) * self.dtype.itemsize

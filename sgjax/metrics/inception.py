@@ -366,4 +366,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("convert", None, "pytorch-fid's Inception state dict (.pth) to read.")
   flags.DEFINE_string("out", None, ".npz file to write.")
   FLAGS = flags.FLAGS
-  app.run(_main)
+  from sgjax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(_main)

@@ -9,7 +9,6 @@ statistics alone, precision and recall are skipped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zipfile
@@ -17,20 +16,33 @@ import zipfile
 import numpy as np
 from absl import logging
 
+from sgjax import paths
 from sgjax.metrics import adm, digits, features, inception, scenes
 
 METRICS = ("adm", "digits", "scenes")
+# What each input file must be, for the errors that name it.
+_EXPECTED = {
+    "samples": "an .npz (as np.savez writes) of uint8 images arr_0 [N, H, W, C] and optional"
+               " labels arr_1, as sgjax.sample writes",
+    "reference": "an .npz (as np.savez writes) reference batch: images arr_0 and/or the"
+                 " statistics mu, sigma, mu_s, sigma_s",
+}
 
 
-def _members(path: str) -> set[str]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such file: {path!r}")
-  with zipfile.ZipFile(path) as zf:
-    return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+def _members(path: str, what: str = "samples") -> set[str]:
+  """The array names of the .npz `path`, the `what` file (a key of _EXPECTED)."""
+  if not paths.resolve(path).is_file():
+    raise FileNotFoundError(f"--{what}={path!r}: no such file.")
+  try:
+    with paths.resolve(path).open("rb") as f, zipfile.ZipFile(f) as zf:
+      return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+  except zipfile.BadZipFile:
+    raise ValueError(f"--{what}={path!r} is not an .npz file: expected {_EXPECTED[what]}."
+                     ) from None
 
 
 def _read_small(path: str, name: str) -> np.ndarray:
-  with np.load(path) as data:
+  with paths.resolve(path).open("rb") as f, np.load(f) as data:
     return data[name]
 
 
@@ -41,7 +53,7 @@ def adm_metrics(samples_path: str, reference_path: str, inception_weights: str |
   apply, params = features.nnx_apply(model)
   samples = features.extract(apply, params, features.NpzArray(samples_path), batch_size,
                              name="inception (samples)")
-  members = _members(reference_path)
+  members = _members(reference_path, "reference")
   reference = None
   if "arr_0" in members:
     reference = features.extract(apply, params, features.NpzArray(reference_path), batch_size,
@@ -101,8 +113,8 @@ def check_inputs(metric: str, reference: str | None, inception_weights: str | No
       raise ValueError("metric='adm' needs a reference batch (--reference=REF.npz), e.g. one"
                        " of ADM's published VIRTUAL_imagenet256_labeled.npz.")
     inception.weights_path(inception_weights)  # raises, saying where to get them
-  if reference is not None and not os.path.isfile(reference):
-    raise FileNotFoundError(f"--reference={reference!r}: no such file.")
+  if reference is not None:
+    _members(reference, "reference")  # raises unless it is an .npz file
 
 
 def evaluate_npz(samples: str, reference: str | None = None, metric: str = "adm",
@@ -113,6 +125,10 @@ def evaluate_npz(samples: str, reference: str | None = None, metric: str = "adm"
   out defaults to metrics.json next to the samples. Returns the metrics.
   """
   check_inputs(metric, reference, inception_weights)
+  members = _members(samples, "samples")
+  if "arr_0" not in members:
+    raise ValueError(f"--samples={samples!r} holds no images arr_0 (it has {sorted(members)}):"
+                     f" expected {_EXPECTED['samples']}.")
   start = time.time()
   if metric == "adm":
     result = adm_metrics(samples, reference, inception_weights, batch_size)
@@ -120,14 +136,12 @@ def evaluate_npz(samples: str, reference: str | None = None, metric: str = "adm"
     result = scenes_metrics(samples)
   else:
     result = digits_metrics(samples, reference, batch_size)
-  result = {"metric": metric, "samples": os.path.abspath(samples),
-            "reference": (os.path.abspath(reference) if reference else
+  result = {"metric": metric, "samples": paths.join(samples),
+            "reference": (paths.join(reference) if reference else
                           "real scenes of the captions" if metric == "scenes" else
                           "heldout digits"),
             **result, "seconds": round(time.time() - start, 2)}
-  out = out or os.path.join(os.path.dirname(os.path.abspath(samples)), "metrics.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2, sort_keys=False)
+  out = out or os.fspath(paths.resolve(samples).parent / "metrics.json")
+  paths.write_json(out, result)
   logging.info("wrote %s: %s", out, result)
   return result

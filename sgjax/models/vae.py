@@ -18,8 +18,6 @@ have eps 1e-6 and run in float32; convolutions and attention run in `dtype`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
 import jax
@@ -27,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax import sharding
+from sgjax import paths, sharding
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -312,7 +310,7 @@ def load_weights(model: AutoencoderKL, weights: Mapping[str, np.ndarray], where:
 
 def _check_folder(directory: str, names: tuple[str, ...]) -> None:
   for name in names:
-    if not os.path.isfile(os.path.join(directory, name)):
+    if not paths.resolve(directory).joinpath(name).is_file():
       raise FileNotFoundError(f"VAE folder {directory!r} has no {name}: expected a diffusers"
                               f" AutoencoderKL folder ({CONFIG_FILE} and {WEIGHTS_FILE}, e.g."
                               " stabilityai/sd-vae-ft-ema).")
@@ -321,18 +319,18 @@ def _check_folder(directory: str, names: tuple[str, ...]) -> None:
 def read_config(directory: str, dtype: str = "float32") -> VAEConfig:
   """The VAEConfig of a diffusers-format folder, without reading its weights."""
   _check_folder(directory, (CONFIG_FILE,))
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    return VAEConfig.from_diffusers(json.load(f), dtype)
+  return VAEConfig.from_diffusers(paths.read_json(paths.join(directory, CONFIG_FILE)), dtype)
 
 
 def load(directory: str, dtype: str = "float32") -> AutoencoderKL:
   """A diffusers-format VAE folder (config.json + diffusion_pytorch_model.safetensors)."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   _check_folder(directory, (CONFIG_FILE, WEIGHTS_FILE))
-  weights_path = os.path.join(directory, WEIGHTS_FILE)
+  weights_path = paths.join(directory, WEIGHTS_FILE)
   cfg = read_config(directory, dtype)
   model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model)
   model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract))
-  load_weights(model, safetensors_numpy.load_file(weights_path), weights_path)
+  load_weights(model, safetensors_numpy.load(paths.resolve(weights_path).read_bytes()),
+               weights_path)
   return model
