@@ -130,15 +130,6 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh.preset, config.mesh.tensor, devices,
                             config.mesh.dcn_data)
   check_batch_size(config.train.batch_size, mesh)
-  source = sources.make_source(config.data, "train", model_cfg)
-  condition = train_state.label_condition
-  if model_cfg.text_conditioned:
-    encoder = conditioning.make_encoder(config.text, model_cfg)
-    if encoder is not None:
-      source = conditioning.TokenizedSource(source, encoder)
-    condition = conditioning.condition_fn(encoder)
-  check_batch({k: np.asarray(v)[None] for k, v in source[0].items()}, model_cfg,
-              "the dataset's first example")
   # Every process opens the checkpoints the same way (orbax synchronises them).
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts,
                                  keep_every=config.train.get("keep_every", 0))
@@ -156,6 +147,16 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
   start, resumed = ckpt.newest_intact(resume, set_aside=True)
   saved, state = resumed or (None, None)
   prepare_workdir(config, workdir, saved, start)
+  source = sources.make_source(config.data, "train", model_cfg)
+  condition = train_state.label_condition
+  if model_cfg.text_conditioned:
+    encoder = conditioning.make_encoder(config.text, model_cfg)
+    if encoder is not None:
+      source = conditioning.TokenizedSource(source, encoder)
+    condition = conditioning.condition_fn(encoder)
+  check_batch({k: np.asarray(v)[None] for k, v in source[0].items()}, model_cfg,
+              "the dataset's first example")
+
   if start is None:
     start = 0
     state = train_state.init_state(model_cfg, tx, shardings, config.seed)
