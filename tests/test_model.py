@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import re
 
 import chex
 import jax
@@ -94,11 +95,13 @@ def test_packed_branches_equal_one_call_per_branch(cfg):
   assert np.abs(np.asarray(packed[1] - packed[3])).max() > 1e-4  # other tokens, other output
 
 
-def test_dit_xl2_has_675m_parameters_counted_abstractly():
+def test_dit_xl2_parameter_count_is_exact_counted_abstractly():
+  # XL/2 on 32x32x4 latents, 1000 classes + the null class, velocity output (4 channels):
+  # 674,816,272 exactly (README: 674.8M); a missing bias or embedding row changes it.
   cfg = dit.DiTConfig(**dit.parse_model_name("DiT-XL/2"))
   abstract = nnx.eval_shape(lambda: dit.DiT(cfg, rngs=nnx.Rngs(0)))
   count = sum(p.size for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-  assert abs(count - 675e6) / 675e6 < 0.01, count
+  assert count == 674_816_272, count
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -109,6 +112,13 @@ def test_dit_xl2_has_675m_parameters_counted_abstractly():
 ])
 def test_model_names_accept_dit_and_sit_prefixes(name, expected):
   assert dit.parse_model_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["SiT-XXL/2", "ViT-B/2", "SiT-B", "sit-b/2", "SiT-B/2x"])
+def test_unknown_model_names_are_refused_naming_the_accepted_forms(name):
+  with pytest.raises(ValueError, match=rf"model name '{re.escape(name)}': expected"
+                     r" DiT-<size>/<patch> or SiT-<size>/<patch> with size in \["):
+    dit.parse_model_name(name)
 
 
 def test_zero_initialised_model_outputs_zero_velocity():
