@@ -13,18 +13,39 @@ import os
 import jax
 from absl import flags
 
-from sgjax import cli, logs, paths, scenes_report, sweep
+from sgjax import cli, logs, paths, scenes_report, stats, sweep
+
+METRICS = sweep.METRICS["digits"]
+# The metrics compared pairwise: quality, fidelity and the variety guidance trades away.
+PAIRED = ("fid", "class_accuracy", "recall", "diversity")
 
 
 def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
   config = paths.read_json(paths.join(run, "model", "config.json"))
   last = json.loads(logs.read_jsonl(paths.join(run, "model", "metrics.jsonl"))[-1])
-  table = paths.read_text(paths.join(run, "compare", "sweep.md"))
+  compare = paths.join(run, "compare")
+  rows = stats.read_rows(paths.join(compare, "sweep.csv"))
+  first = {slug: next(iter(by_seed.values())) for slug, by_seed in rows.items()}
+  names = {slug: sweep.label(row) for slug, row in first.items()}
+  base = next((slug for slug, row in first.items()
+               if row["rule"] == "none" and not row["gamma_strong"]), None)
+  if base is None:
+    raise ValueError(f"{compare}/sweep.csv has no unguided dense setting (rule=none,"
+                     " gamma 0) to compare the others with; add --grid='rule=none'.")
+  unguided = [slug for slug, row in first.items() if row["rule"] == "none"]
+  cfg = next((slug for slug, row in first.items() if row["rule"] == "cfg"), None)
+  spec = paths.read_json(paths.join(compare, base, f"seed{int(min(rows[base]))}",
+                                    "spec.json"))
+  table = stats.summary_table(rows, METRICS, names, extra=[
+      ("GFLOPs/img/step (true)", lambda row: f"{row['gflops_true']:.4f}"),
+      ("GFLOPs/img/step (paper)", lambda row: f"{row['gflops_paper']:.4f}")])
+  versus_base = stats.paired_table(rows, names, base, PAIRED)
+  versus_cfg = ([] if cfg is None else
+                stats.paired_table(rows, names, cfg, PAIRED, skip=unguided))
+  figures = [name for name in ("front_class_accuracy_vs_recall.png", "pareto_fid.png",
+                               "sparsity_unguided.png")
+             if paths.resolve(paths.join(compare, name)).exists()]
   model, train = config["model"], config["train"]
-  entries = paths.read_json(paths.join(run, "compare", "sweep.json"))
-  grids = "\n".join(f"- {sweep.label(e)}: [grid](compare/{e['slug']}/seed0/grid.png)"
-                    for e in entries)
-  heatmaps = sorted(p.name for p in paths.resolve(run).joinpath("heatmap").glob("*.png"))
   lines = [
       "# sgjax demo: guidance on the bundled digits",
       "",
@@ -38,20 +59,29 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
       f" {last['loss']:.3f}. Training took {train_seconds:.0f} s, sampling and evaluating"
       f" every setting below {sweep_seconds:.0f} s.",
       "",
-      "Each row: 200 class-balanced samples per seed, 40 Euler steps, EMA weights; mean ± std"
-      " over 3 seeds. Metrics come from a digits classifier (99% held-out accuracy):"
-      " digits-FID of its features against the 297 held-out digits (lower is better; real"
-      " training digits score about 4.3), class accuracy of the samples, diversity (mean"
+      f"Each setting: {spec['num_samples']} class-balanced samples per seed, {spec['steps']}"
+      f" Euler steps, EMA weights, {len(rows[base])} seeds; a seed fixes the noise and labels,"
+      " the same for every setting. Mean ± 95% interval over the seeds (Student's t)."
+      " Metrics come from a digits classifier: digits-FID of its features against the"
+      " held-out digits (lower is better), class accuracy of the samples, diversity (mean"
       " pairwise feature distance relative to the held-out digits), precision and recall"
       " (k = 3). GFLOPs are per image per sampling step.",
       "",
-      table,
-      "Sample grids (seed 0):",
+      *table,
       "",
-      grids,
+      "Paired differences (the same seed's noise and labels), mean ± 95% interval over the"
+      " seeds; an interval that contains 0 is no evidence of a difference. Against unguided"
+      " sampling (the unguided rows at gamma > 0 are inference-time sparsity alone, the"
+      " paper's claim (i)):",
       "",
-      "SG over (gamma_strong, gamma_weak), seed 0: " + ", ".join(
-          f"[{name}](heatmap/{name})" for name in heatmaps),
+      *versus_base,
+      "",
+      *(["Against CFG:", "", *versus_cfg, ""] if versus_cfg else []),
+      *(f"![{name}](compare/{name})" for name in figures),
+      "",
+      "Sample grids (seed 0): " + ", ".join(
+          f"[{names[slug]}](compare/{slug}/seed{int(min(rows[slug]))}/grid.png)"
+          for slug in rows),
       "",
   ]
   path = paths.join(run, "report.md")

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from sgjax import checkpoint, config as config_lib, guidance as guidance_lib, logs, sample
-from sgjax import cli, paths, sampling
+from sgjax import cli, paths, sampling, stats
 from sgjax.data import scenes
 from sgjax.metrics import npz
 
@@ -34,6 +34,12 @@ FIELDS = {"rule": str, "omega": float, "gamma_strong": float, "gamma_weak": floa
 SETTING_COLUMNS = ("rule", "omega", "gamma_strong", "gamma_weak", "schedule",
                    "gamma_strong_end", "gamma_weak_end")
 LOWER_IS_BETTER = ("fid", "sfid")
+# Per metric kind: the metrics sweep.md shows, and the (variety, fidelity) pair of its fronts.
+METRICS = {"digits": ["fid", "class_accuracy", "diversity", "precision", "recall"],
+           "adm": ["fid", "sfid", "inception_score", "precision", "recall"],
+           "scenes": ["full", "digit", "colour", "relation", "count", "diversity"]}
+FRONTS = {"digits": ("recall", "class_accuracy"), "adm": ("recall", "precision"),
+          "scenes": ("diversity", "full")}
 
 
 def parse_grid(spec: str) -> list[guidance_lib.GuidanceConfig]:
@@ -159,7 +165,7 @@ def _row(setting, seed, folder) -> dict:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-  """Mean and standard deviation over seeds for each setting."""
+  """Mean, standard deviation and 95% interval half-width (`_ci`) over seeds per setting."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault(tuple(row[c] for c in SETTING_COLUMNS), []).append(row)
@@ -174,7 +180,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         entry[name] = group[0][name]
         continue
       values = np.asarray([r[name] for r in group], np.float64)
-      entry[name] = float(values.mean())
+      entry[name], entry[name + "_ci"] = stats.interval(values)
       entry[name + "_std"] = float(values.std())
     out.append(entry)
   return out
@@ -210,11 +216,12 @@ def pareto_front(entries: list[dict], metric: str) -> list[dict]:
 def write_table(entries: list[dict], path: str, metrics: list[str]) -> None:
   header = ["setting", *metrics, "GFLOPs/img/step (true)", "GFLOPs/img/step (paper)",
             "images/s"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines = [f"Mean ± 95% interval over {entries[0]['seeds']} seed(s) (Student's t).", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for e in entries:
-    cells = [label(e)] + [f"{e[m]:.3f} ± {e[m + '_std']:.3f}" for m in metrics]
+    cells = [label(e)] + [f"{e[m]:.3f} ± {e[m + '_ci']:.3f}" for m in metrics]
     cells += [f"{e['gflops_true']:.4f}", f"{e['gflops_paper']:.4f}",
-              f"{e['images_per_s']:.1f} ± {e['images_per_s_std']:.1f}"]
+              f"{e['images_per_s']:.1f} ± {e['images_per_s_ci']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
   paths.write_text(path, "\n".join(lines) + "\n")
 
@@ -260,12 +267,12 @@ def plot(entries: list[dict], out: str, metric: str) -> list[str]:
   for rule in sorted({e["rule"] for e in entries}):
     chosen = [e for e in entries if e["rule"] == rule]
     ax.errorbar([e["gflops_true"] for e in chosen], [e[metric] for e in chosen],
-                yerr=[e[metric + "_std"] for e in chosen], fmt="o", label=rule, capsize=2)
+                yerr=[e[metric + "_ci"] for e in chosen], fmt="o", label=rule, capsize=2)
   front = pareto_front(entries, metric)
   ax.plot([e["gflops_true"] for e in front], [e[metric] for e in front], "k--", lw=1,
           label="Pareto front")
   ax.set_xlabel("GFLOPs per image per sampling step (true)")
-  ax.set_ylabel(metric)
+  ax.set_ylabel(f"{metric} (95% interval)")
   ax.legend(fontsize=7)
   path = paths.join(out, f"pareto_{metric}.png")
   paths.save_figure(fig, path, dpi=120, bbox_inches="tight")
@@ -273,7 +280,70 @@ def plot(entries: list[dict], out: str, metric: str) -> list[str]:
   return written + [path]
 
 
-def write_outputs(rows: list[dict], out: str, metrics: list[str]) -> list[dict]:
+def _family(entry: dict) -> str:
+  """A setting's label without its omega: the points of one guidance front."""
+  return label({**entry, "omega": 0.0}).replace(" omega=0", "")
+
+
+def plot_front(entries: list[dict], out: str, variety: str, fidelity: str) -> str:
+  """Fidelity against variety: one line per guidance family over its omegas (each point
+  labelled with omega), the dense unguided setting as a star; 95% intervals on both axes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for entry in entries:
+    if entry["rule"] == "none" and not entry["gamma_strong"]:
+      ax.errorbar(entry[variety], entry[fidelity], xerr=entry[variety + "_ci"],
+                  yerr=entry[fidelity + "_ci"], fmt="k*", ms=10, capsize=2, label="unguided")
+  families: dict[str, list[dict]] = {}
+  for entry in entries:
+    if entry["rule"] != "none":
+      families.setdefault(_family(entry), []).append(entry)
+  for name, chosen in families.items():
+    chosen = sorted(chosen, key=lambda e: e["omega"])
+    ax.errorbar([e[variety] for e in chosen], [e[fidelity] for e in chosen],
+                xerr=[e[variety + "_ci"] for e in chosen],
+                yerr=[e[fidelity + "_ci"] for e in chosen], fmt="o-", capsize=2, label=name)
+    for e in chosen:
+      ax.annotate(f"{e['omega']:g}", (e[variety], e[fidelity]), fontsize=6,
+                  textcoords="offset points", xytext=(3, 3))
+  ax.set_xlabel(f"{variety} (variety)")
+  ax.set_ylabel(f"{fidelity} (fidelity)")
+  ax.set_title("guidance fronts over omega (95% intervals)", fontsize=9)
+  ax.legend(fontsize=7)
+  path = paths.join(out, f"front_{fidelity}_vs_{variety}.png")
+  paths.save_figure(fig, path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def plot_sparsity(entries: list[dict], out: str, metrics: list[str]) -> str | None:
+  """Unguided sampling's metrics against its sparsity rate (the strong branch alone), one
+  panel per metric with 95% intervals; None unless the sweep has two or more such rates."""
+  chosen = sorted((e for e in entries if e["rule"] == "none" and e["schedule"] == "constant"),
+                  key=lambda e: e["gamma_strong"])
+  if len(chosen) < 2:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(metrics), figsize=(2.8 * len(metrics), 2.8), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    ax.errorbar([e["gamma_strong"] for e in chosen], [e[metric] for e in chosen],
+                yerr=[e[metric + "_ci"] for e in chosen], fmt="o-", capsize=2)
+    ax.set_xlabel("gamma (unguided)")
+    ax.set_title(metric, fontsize=9)
+  fig.tight_layout()
+  path = paths.join(out, "sparsity_unguided.png")
+  paths.save_figure(fig, path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def write_outputs(rows: list[dict], out: str, metrics: list[str],
+                  front: tuple[str, str] | None = None) -> list[dict]:
+  """sweep.csv, sweep.md, sweep.json and the plots; `front` = (variety, fidelity) metrics."""
   with paths.open_write(paths.join(out, "sweep.csv"), "w") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -283,6 +353,9 @@ def write_outputs(rows: list[dict], out: str, metrics: list[str]) -> list[dict]:
   write_table(entries, paths.join(out, "sweep.md"), metrics)
   paths.write_json(paths.join(out, "sweep.json"), entries)
   plot(entries, out, metrics[0])
+  plot_sparsity(entries, out, metrics)
+  if front is not None and set(front) <= set(entries[0]):
+    plot_front(entries, out, *front)
   return entries
 
 
@@ -326,11 +399,7 @@ def main(argv):
                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
                    step=FLAGS.step, aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step,
                    vae=FLAGS.vae, prompts=prompts)
-  metrics = {"digits": ["fid", "class_accuracy", "diversity", "precision", "recall"],
-             "adm": ["fid", "sfid", "inception_score", "precision", "recall"],
-             "scenes": ["full", "digit", "colour", "relation", "count", "diversity"]
-             }[FLAGS.metric]
-  write_outputs(rows, out, metrics)
+  write_outputs(rows, out, METRICS[FLAGS.metric], FRONTS[FLAGS.metric])
   print(paths.read_text(paths.join(out, "sweep.md")))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import t2i
-from sgjax import guidance as guidance_lib, sample, scenes_report, sweep, train
+from sgjax import guidance as guidance_lib, sample, sweep, train
 from sgjax.metrics import npz
 
 PROMPTS = ["a red 3 left of a blue 7", "a green 1 above a yellow 0"]
@@ -75,13 +75,3 @@ def test_empty_prompts_file_is_refused(tmp_path):
   empty.write_text("\n  \n")
   with pytest.raises(ValueError, match="holds no prompt"):
     sample.read_prompts(None, str(empty))
-
-
-def test_report_intervals_and_paired_differences(tmp_path):
-  # Student's t with 2 degrees of freedom: 4.303 * s / sqrt(3).
-  mean, half = scenes_report.interval([0.1, 0.2, 0.3])
-  assert mean == pytest.approx(0.2) and half == pytest.approx(4.3027 * 0.1 / 3**0.5, rel=1e-4)
-  # Paired over the same seeds: a constant offset has no spread, whatever the seeds' spread.
-  rows = {"a": {s: {"full": v} for s, v in enumerate([0.1, 0.5, 0.9])},
-          "b": {s: {"full": v + 0.05} for s, v in enumerate([0.1, 0.5, 0.9])}}
-  assert scenes_report.paired(rows, "b", "a", "full") == "0.050 ± 0.000"
