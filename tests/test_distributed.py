@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import numpy as np
 import pytest
 
@@ -274,7 +275,8 @@ def test_two_processes_log_the_losses_of_one_process(killed_and_restarted):
   run = killed_and_restarted
   got, expected = losses(run["workdir"]), losses(run["reference"])
   assert sorted(got) == sorted(expected) == list(range(1, run["last"] + 1))
-  np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), atol=1e-5)
+  chex.assert_trees_all_close(np.array([got[s] for s in expected]),
+                              np.array(list(expected.values())), rtol=0, atol=1e-5)
   with open(os.path.join(run["workdir"], "config.json")) as f:
     assert json.load(f)["mesh"] == {"preset": "fsdp", "tensor": 1, "dcn_data": 2}
 
@@ -287,8 +289,9 @@ def test_two_process_checkpoint_restores_in_one_process_and_training_continues(
   train.train(config_for(more), run["workdir"])  # resumes the 2-process checkpoint
   train.train(config_for(more), run["reference"])
   got, expected = losses(run["workdir"]), losses(run["reference"])
-  np.testing.assert_allclose([got[s] for s in range(1, more + 1)],
-                             [expected[s] for s in range(1, more + 1)], atol=1e-5)
+  chex.assert_trees_all_close(np.array([got[s] for s in range(1, more + 1)]),
+                              np.array([expected[s] for s in range(1, more + 1)]), rtol=0,
+                              atol=1e-5)
 
 
 @pytest.mark.slow
@@ -306,8 +309,7 @@ def test_two_process_sampling_writes_the_images_of_one_process(killed_and_restar
   two, one = np.load(os.path.join(out_two, "samples.npz")), np.load(
       os.path.join(out_one, "samples.npz"))
   assert two["arr_0"].shape == (20, 8, 8, 1)
-  np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
-  np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+  chex.assert_trees_all_equal((two["arr_0"], two["arr_1"]), (one["arr_0"], one["arr_1"]))
   with open(os.path.join(out_two, "sampling.json")) as f:
     assert json.load(f)["devices"] == 8
 
@@ -327,8 +329,8 @@ def test_two_processes_precompute_latents_each_image_once_as_one_process_does(tm
   assert helpers.latent_records(two) == helpers.latent_records(one)
   assert sorted(helpers.latent_records(two)) == [(i, f) for i in range(18)
                                                  for f in (False, True)]
-  np.testing.assert_allclose(np.stack(helpers.latent_records(two, "mean")),
-                             np.stack(helpers.latent_records(one, "mean")), atol=1e-5)
+  chex.assert_trees_all_close(np.stack(helpers.latent_records(two, "mean")),
+                              np.stack(helpers.latent_records(one, "mean")), rtol=0, atol=1e-5)
   with open(os.path.join(two, "manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["num_shards"] == 8 and manifest["num_unreadable"] == 1

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import numpy as np
 import pytest
 # Imported here, not lazily inside a test: Python 3.11's parser can fail ("AST constructor
@@ -114,7 +115,7 @@ def test_posterior_shards_refuse_flipping_latents(tmp_path):
   # Each visit of an example draws another latent from its posterior.
   batches = pipeline.make_iterator(shards, global_batch=2, seed=0)
   first, second = next(batches), next(batches)
-  np.testing.assert_array_equal(np.sort(first["label"]), np.sort(second["label"]))
+  chex.assert_trees_all_equal(np.sort(first["label"]), np.sort(second["label"]))
   assert np.abs(np.sort(first["image"].ravel()) - np.sort(second["image"].ravel())).max() > 0
 
 

@@ -108,7 +108,7 @@ def test_render_places_tinted_pool_digits(relation, pairs):
     a = next(k for k in inked if cells[k, ..., 0].any())
     b = next(k for k in inked if k != a)
     seen.add((int(a), int(b)))
-    np.testing.assert_array_equal(cells[a, ..., 0], cells[a, ..., 1])
+    chex.assert_trees_all_equal(cells[a, ..., 0], cells[a, ..., 1])
     assert not cells[a, ..., 2].any() and not cells[b, ..., :2].any()
     assert any(np.array_equal(cells[a, ..., 0], im[..., 0])
                for im in images[labels == scene.digit_a])
@@ -136,7 +136,7 @@ def test_source_items_are_deterministic_per_index():
     chex.assert_type(item["image"], np.float32)
     assert item["image"].min() >= -1.0 and item["image"].max() <= 1.0
     assert item["image"].max() > 0.0  # some ink
-    np.testing.assert_array_equal(item["image"], again[i]["image"])
+    chex.assert_trees_all_equal(item["image"], again[i]["image"])
     assert item["caption"] == again[i]["caption"] == source.captions([i])[0]
     scenes.parse_caption(item["caption"])
   differ = sum(source[i]["caption"] != other[i]["caption"] for i in range(20))
@@ -254,11 +254,12 @@ def test_count_and_ink(classifier, real):
     image[8 * r:8 * r + 8, 8 * c:8 * c + 8] = image[8 * r0:8 * r0 + 8, 8 * c0:8 * c0 + 8]
   verdict = scene_metrics.judge(crowded, captions[:100], model=classifier)
   assert not verdict["count"].any() and not verdict["full"].any()
-  np.testing.assert_array_equal(scene_metrics.detect(crowded, classifier)["count"], 3)
+  chex.assert_trees_all_equal(scene_metrics.detect(crowded, classifier)["count"],
+                              np.full(len(crowded), 3))
   # Faint noise under the ink floor changes nothing; half-intensity digits keep their colour.
   noise = np.random.default_rng(0).integers(0, scene_metrics.INK_FLOOR, images.shape)
   noisy = np.maximum(images, noise.astype(np.uint8))
-  np.testing.assert_array_equal(
+  chex.assert_trees_all_equal(
       scene_metrics.judge(noisy, captions, model=classifier)["full"],
       scene_metrics.judge(images, captions, model=classifier)["full"])
   dim = scene_metrics.evaluate(images // 2, captions, model=classifier)

@@ -1,4 +1,4 @@
-"""Training: resume, sharding invariance, checkpoints across topologies, bad input."""
+"""Training: the EMA, resume, sharding invariance, checkpoints across topologies, bad input."""
 
 import json
 import os
@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import digits
 from sgjax import checkpoint, sharding, train, train_state
@@ -31,8 +33,8 @@ def test_fsdp_8_devices_match_1_device_and_checkpoints_move_between_them(tmp_pat
   # 1 device for 4 steps: the same losses as 8 devices; then resumed on 8 devices.
   up = str(tmp_path / "one_then_eight")
   train.train(_with(config, steps=4), up, devices=one)
-  np.testing.assert_allclose([losses(up)[s] for s in range(1, 5)],
-                             [expected[s] for s in range(1, 5)], atol=1e-5)
+  chex.assert_trees_all_close(np.array([losses(up)[s] for s in range(1, 5)]),
+                              np.array([expected[s] for s in range(1, 5)]), rtol=0, atol=1e-5)
   train.train(config, up)
   # 8 devices for 4 steps, then resumed on 1 device.
   down = str(tmp_path / "eight_then_one")
@@ -40,7 +42,8 @@ def test_fsdp_8_devices_match_1_device_and_checkpoints_move_between_them(tmp_pat
   train.train(config, down, devices=one)
   for workdir in (up, down):
     got = losses(workdir)
-    np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), atol=1e-5)
+    chex.assert_trees_all_close(np.array([got[s] for s in expected]),
+                                np.array(list(expected.values())), rtol=0, atol=1e-5)
   model, saved_config, step = checkpoint.load_model(down)
   assert step == 8 and saved_config["model"]["width"] == config.model.width
   assert model.cfg.sparsity == "routing"
@@ -61,6 +64,68 @@ def test_checkpoint_trained_with_cudnn_attention_loads_with_xla_attention_off_gp
   labels = np.arange(4, dtype=np.int32)
   out = model(np.zeros((4, 8, 8, 1), np.float32), np.full((4,), 0.5, np.float32), labels)
   assert out.shape == (4, 8, 8, 1) and np.isfinite(np.asarray(out)).all()
+
+
+@pytest.fixture(scope="module")
+def saved_every_step(tmp_path_factory):
+  """(config, workdir) of a 5-step run saved at every step, keeping the newest and the
+  multiples of 2."""
+  config = runlocal(steps=5, ckpt_every=1, keep_ckpts=1, keep_every=2)
+  workdir = str(tmp_path_factory.mktemp("every_step") / "w")
+  train.train(config, workdir)
+  return config, workdir
+
+
+def restored_state(config, workdir, step=None):
+  """The whole train state (step, params, EMA, optimizer state) of checkpoint `step` (default:
+  the newest) of a run of `config`, as numpy arrays."""
+  model_cfg = config_lib.model_config(config.model)
+  tx = train_state.make_optimizer(train_state.OptimConfig.from_train_config(config.train))
+  _, abstract, _ = train_state.abstract_state(
+      model_cfg, tx, sharding.make_mesh(config.mesh.preset), config.mesh.preset, config.seed)
+  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+  try:
+    return jax.device_get(ckpt.restore(step or ckpt.latest_step(), abstract))
+  finally:
+    ckpt.close()
+
+
+def _largest_gap(a, b) -> float:
+  return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_each_train_step_moves_the_ema_by_one_minus_decay_toward_the_new_params(
+    saved_every_step):
+  config, workdir = saved_every_step
+  decay = config.train.ema_decay
+  before, after = restored_state(config, workdir, 4), restored_state(config, workdir, 5)
+  # Step 5 moved the params, and the EMA lags them: old and new params, or decay and
+  # 1 - decay, give different EMAs.
+  assert _largest_gap(after["params"], before["params"]) > 1e-4
+  assert _largest_gap(after["params"], before["ema"]) > 1e-3
+  # ema_5 = decay * ema_4 + (1 - decay) * params_5, in float64.
+  f64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+  expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, f64(before["ema"]),
+                          f64(after["params"]))
+  chex.assert_trees_all_close(f64(after["ema"]), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_load_model_gives_the_ema_weights_unless_asked_for_the_raw_params(saved_every_step):
+  config, workdir = saved_every_step
+  state = restored_state(config, workdir)
+  weights = lambda model: jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  model, _, step = checkpoint.load_model(workdir)
+  assert step == int(state["step"]) == 5
+  chex.assert_trees_all_equal(weights(model), state["ema"])
+  chex.assert_trees_all_equal(weights(checkpoint.load_model(workdir, ema=False)[0]),
+                              state["params"])
+
+
+def test_checkpoints_at_multiples_of_keep_every_outlive_keep_ckpts(saved_every_step, tmp_path):
+  assert sorted(checkpoint.Checkpointer(saved_every_step[1]).all_steps()) == [2, 4, 5]
+  with pytest.raises(ValueError, match="keep_every=3 must be 0 .* multiple of"):
+    train.train(runlocal(ckpt_every=2, keep_every=3), str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
 
 
 def _with(config, **train_overrides):
@@ -104,6 +169,11 @@ def test_sigterm_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
   resumed, reference = losses(interrupted), losses(tmp_path / "straight")
   assert sorted(resumed) == sorted(reference) == list(range(1, 41))
   assert [resumed[s] for s in reference] == [reference[s] for s in reference]
+  # Not only the losses: params, EMA and optimizer state of step 40 are the same bits.
+  config = runlocal(steps=40, ckpt_every=1000)
+  final = restored_state(config, interrupted)
+  assert int(final["step"]) == 40
+  chex.assert_trees_all_equal(final, restored_state(config, tmp_path / "straight"))
 
 
 def test_unknown_config_field_fails_before_training(tmp_path):
@@ -168,15 +238,6 @@ def test_run_that_stopped_before_its_first_checkpoint_keeps_its_logs_from_anothe
   assert sorted(losses(workdir)) == [1, 2, 3]  # its metrics are untouched
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["sparsity"] == "routing"
-
-
-def test_checkpoints_at_multiples_of_keep_every_outlive_keep_ckpts(tmp_path):
-  workdir = str(tmp_path / "w")
-  train.train(runlocal(steps=5, ckpt_every=1, keep_ckpts=1, keep_every=2), workdir)
-  assert sorted(checkpoint.Checkpointer(workdir).all_steps()) == [2, 4, 5]
-  with pytest.raises(ValueError, match="keep_every=3 must be 0 .* multiple of"):
-    train.train(runlocal(ckpt_every=2, keep_every=3), str(tmp_path / "bad"))
-  assert not (tmp_path / "bad").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -50,7 +50,8 @@ def test_routing_at_gamma_zero_equals_the_dense_forward():
   x, t, cond = inputs(routed.cfg)
   subsets = routed.draw_subsets(jax.random.key(0), 2, gamma=0.0)
   assert subsets == (None,)
-  chex.assert_trees_all_close(routed(x, t, cond, subsets), dense(x, t, cond), atol=1e-6)
+  chex.assert_trees_all_close(routed(x, t, cond, subsets), dense(x, t, cond), rtol=1e-6,
+                              atol=1e-6)
 
 
 def test_kept_tokens_rotate_with_their_own_positions():
@@ -63,25 +64,25 @@ def test_kept_tokens_rotate_with_their_own_positions():
   rng = np.random.default_rng(0)
   order = np.stack([rng.permutation(n) for _ in range(2)])
   shuffled = model(x, t, cond, (subset_from_order(order, n),))
-  chex.assert_trees_all_close(shuffled, model(x, t, cond), atol=1e-5)
+  chex.assert_trees_all_close(shuffled, model(x, t, cond), rtol=1e-6, atol=1e-5)
   half = n // 2
   reordered = order.copy()
   reordered[:, :half] = reordered[:, :half][:, ::-1]
   chex.assert_trees_all_close(model(x, t, cond, (subset_from_order(order, half),)),
                               model(x, t, cond, (subset_from_order(reordered, half),)),
-                              atol=1e-5)
+                              rtol=1e-6, atol=1e-5)
 
 
 def test_rope_rotates_rows_and_columns_separately():
   angles = trdit.rope_angles(jnp.array([[[0, 0], [2, 0], [0, 3]]]), head_dim=8, theta=100.0)
   chex.assert_shape(angles, (1, 3, 4))
-  np.testing.assert_allclose(angles[0, 0], 0.0)
-  np.testing.assert_allclose(angles[0, 1], [2.0, 0.2, 0.0, 0.0], rtol=1e-6)
-  np.testing.assert_allclose(angles[0, 2], [0.0, 0.0, 3.0, 0.3], rtol=1e-6)
+  # Head dim 8: two row and two column frequencies, theta ** -(0, 1/2) = (1, 0.1).
+  chex.assert_trees_all_close(angles[0], np.array([[0.0, 0.0, 0.0, 0.0], [2.0, 0.2, 0.0, 0.0],
+                                                   [0.0, 0.0, 3.0, 0.3]]), rtol=1e-6, atol=0)
   x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
   rotated = trdit.apply_rope(x, angles)
   chex.assert_trees_all_close(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1),
-                              rtol=1e-5)
+                              rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("block", [0, 1, 2, 3])
@@ -102,7 +103,7 @@ def test_every_valid_text_token_reaches_every_block_unrouted(block):
   grads = jnp.linalg.norm(jax.grad(output)(cond["text"]), axis=-1)  # [B, L]
   mask = np.asarray(cond["mask"])
   assert np.all(grads[mask] > 1e-7), grads
-  np.testing.assert_array_equal(grads[~mask], 0.0)
+  chex.assert_trees_all_equal(grads[~mask], jnp.zeros_like(grads[~mask]))
 
 
 def test_null_caption_ignores_the_text_and_drops_with_the_mask():
@@ -110,7 +111,7 @@ def test_null_caption_ignores_the_text_and_drops_with_the_mask():
   x, t, cond = inputs(model.cfg)
   null = model.null_condition(cond)
   other = {"text": cond["text"] + 5.0, "mask": null["mask"]}
-  chex.assert_trees_all_close(model(x, t, null), model(x, t, other))
+  chex.assert_trees_all_close(model(x, t, null), model(x, t, other), rtol=1e-6, atol=0)
   assert not np.allclose(model(x, t, null), model(x, t, cond), atol=1e-4)
 
 
@@ -132,13 +133,14 @@ def test_masking_is_refused_for_trdit():
 def test_word_encoder_refuses_unknown_words_and_long_captions():
   encoder = words.WordEncoder(("a", "red", "3"), width=8, max_length=3)
   ids, mask = encoder.tokenize(["a red 3", "red"])
-  np.testing.assert_array_equal(ids, [[0, 1, 2], [1, 0, 0]])
-  np.testing.assert_array_equal(mask, [[True] * 3, [True, False, False]])
+  chex.assert_trees_all_equal(ids, np.array([[0, 1, 2], [1, 0, 0]]))
+  chex.assert_trees_all_equal(mask, np.array([[True] * 3, [True, False, False]]))
   hidden = encoder.encode(ids, mask)
   chex.assert_shape(hidden, (2, 3, 8))
-  np.testing.assert_array_equal(hidden[1, 1:], 0.0)
+  chex.assert_trees_all_equal(hidden[1, 1:], jnp.zeros_like(hidden[1, 1:]))
   # Frozen: the same words give the same vectors, whatever the batch.
-  chex.assert_trees_all_close(hidden[1, 0], encoder.encode(ids[1:], mask[1:])[0, 0])
+  chex.assert_trees_all_close(hidden[1, 0], encoder.encode(ids[1:], mask[1:])[0, 0],
+                              rtol=1e-6, atol=0)
   with pytest.raises(ValueError, match=r"word\(s\) \['blue'\]"):
     encoder.tokenize("a blue 3")
   with pytest.raises(ValueError, match="has 4 words; .* at most 3"):
@@ -156,7 +158,7 @@ def test_cfg_and_sg_guidance_combine_the_caption_and_null_branches():
     got = sampling.branch_velocity(model, None, rule, segment, x, t, cond, key, 2.5)
     weak_subsets = model.draw_subsets(jax.random.fold_in(key, 1), 2, 0.5)
     expected = 2.5 * model(x, t, cond) - 1.5 * model(x, t, weak_cond, weak_subsets)
-    chex.assert_trees_all_close(got, expected, atol=1e-5)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-5)
 
 
 def test_sampler_takes_captions_and_refuses_labels_and_icg():
