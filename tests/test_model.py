@@ -29,20 +29,40 @@ def test_routing_gamma_zero_is_exactly_the_dense_forward():
   x, t, y = batch(routed.cfg)
   subsets = routed.draw_subsets(jax.random.key(0), 8, gamma=0.0)
   assert subsets == (None,)
-  np.testing.assert_array_equal(routed(x, t, y, subsets), dense(x, t, y))
+  chex.assert_trees_all_equal(routed(x, t, y, subsets), dense(x, t, y))
   # The gather/merge path with every token kept agrees too (to float summation order).
-  np.testing.assert_allclose(routed(x, t, y, (full_subset(jax.random.key(1), routed.cfg, 8),)),
-                             dense(x, t, y), atol=1e-5)
+  chex.assert_trees_all_close(routed(x, t, y, (full_subset(jax.random.key(1), routed.cfg, 8),)),
+                              dense(x, t, y), atol=1e-5, rtol=0)
 
 
-def test_masking_gamma_zero_is_exactly_the_dense_forward():
+def unmasked_forward(model, x, t, y):
+  """The masking model's layers applied in order to every token in place, with no gather or
+  merge: MaskDiT's forward at gamma 0 written out (patch size 1: a token is a pixel)."""
+  cfg = model.cfg
+  assert cfg.patch_size == 1
+  b, height, width, channels = x.shape
+  h = model.patch_embed(x.reshape(b, height * width, channels))
+  h = h + dit.sincos_pos_embed(cfg.width, cfg.grid_size)
+  c = model.t_mlp2(jax.nn.silu(model.t_mlp1(dit.timestep_embedding(t, cfg.time_scale))))
+  c = c + model.y_embed(y)
+  for block in model.blocks:
+    h = block(h, c)
+  h = model.decoder.embed(h, c) + dit.sincos_pos_embed(cfg.decoder_width, cfg.grid_size)
+  for block in model.decoder.blocks:
+    h = block(h, c)
+  return model.final(h, c).reshape(x.shape)
+
+
+def test_masking_gamma_zero_is_exactly_the_unmasked_forward():
   model = perturbed_model(tiny_config("masking"))
   x, t, y = batch(model.cfg)
+  expected = unmasked_forward(model, x, t, y)
   subsets = model.draw_subsets(jax.random.key(0), 8, gamma=0.0)
   assert subsets == (None,)
-  np.testing.assert_array_equal(model(x, t, y, subsets), model(x, t, y))
-  np.testing.assert_allclose(model(x, t, y, (full_subset(jax.random.key(1), model.cfg, 8),)),
-                             model(x, t, y), atol=1e-5)
+  chex.assert_trees_all_equal(model(x, t, y, subsets), expected)
+  # The gather/merge path with every token kept (permuted) agrees to float summation order.
+  chex.assert_trees_all_close(model(x, t, y, (full_subset(jax.random.key(1), model.cfg, 8),)),
+                              expected, atol=1e-5, rtol=0)
 
 
 def test_sparse_forward_depends_on_the_tokens_kept():
@@ -52,9 +72,26 @@ def test_sparse_forward_depends_on_the_tokens_kept():
     a = model(x, t, y, model.draw_subsets(jax.random.key(0), 8, gamma=0.5))
     b = model(x, t, y, model.draw_subsets(jax.random.key(0), 8, gamma=0.5))
     c = model(x, t, y, model.draw_subsets(jax.random.key(1), 8, gamma=0.5))
-    np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(a, b)
     assert np.abs(np.asarray(a - c)).max() > 1e-4
     assert np.abs(np.asarray(a - model(x, t, y))).max() > 1e-4
+
+
+def test_each_label_conditions_the_velocity_and_the_null_label_has_its_own_learned_row():
+  model = perturbed_model(tiny_config("dense"))
+  x, t, _ = batch(model.cfg)
+  x, t = jnp.broadcast_to(x[:1], x.shape), jnp.broadcast_to(t[:1], t.shape)  # one input
+  y = jnp.array([0, 1, 2, 4, 6, 8, 9, 10])  # 10: the null class
+  out = np.asarray(model(x, t, y)).reshape(8, -1)
+  gaps = np.abs(out[:, None] - out[None]).max(-1)
+  assert gaps[~np.eye(8, dtype=bool)].min() > 1e-3, gaps
+  # The null label's embedding is a trainable row of its own: moving it moves only its output.
+  table = model.y_embed.embedding
+  assert isinstance(table, nnx.Param)
+  table[...] = table[...].at[10].add(0.5)
+  moved = np.asarray(model(x, t, y)).reshape(8, -1)
+  chex.assert_trees_all_equal(moved[:7], out[:7])
+  assert np.abs(moved[7] - out[7]).max() > 1e-3
 
 
 def test_routed_blocks_see_only_kept_tokens_and_skipped_tokens_pass_unchanged():
@@ -68,12 +105,12 @@ def test_routed_blocks_see_only_kept_tokens_and_skipped_tokens_pass_unchanged():
   c = jax.random.normal(jax.random.key(7), (8, cfg.width))
   (out,) = model._routed_blocks([h], c, ((subset,),))
   before_route = model.blocks[0](h, c)
-  np.testing.assert_array_equal(sparsity.gather(out, subset.drop),
-                                sparsity.gather(before_route, subset.drop))
+  chex.assert_trees_all_equal(sparsity.gather(out, subset.drop),
+                              sparsity.gather(before_route, subset.drop))
   kept = sparsity.gather(before_route, subset.keep)
   for block in model.blocks[1:]:
     kept = block(kept, c)
-  np.testing.assert_allclose(sparsity.gather(out, subset.keep), kept, atol=1e-6)
+  chex.assert_trees_all_close(sparsity.gather(out, subset.keep), kept, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -91,7 +128,7 @@ def test_packed_branches_equal_one_call_per_branch(cfg):
   packed = jax.jit(lambda x, t, y: model.branches(x, t, y, branches))(x, t, y)
   assert len(packed) == len(branches)
   for out, branch in zip(packed, branches):
-    np.testing.assert_allclose(out, model(x, t, y, branch), atol=1e-5)
+    chex.assert_trees_all_close(out, model(x, t, y, branch), atol=1e-5, rtol=0)
   assert np.abs(np.asarray(packed[1] - packed[3])).max() > 1e-4  # other tokens, other output
 
 
@@ -125,7 +162,7 @@ def test_zero_initialised_model_outputs_zero_velocity():
   # adaLN-Zero: every residual branch and the final layer start at zero.
   model = dit.DiT(tiny_config("masking"), rngs=nnx.Rngs(0))
   x, t, y = batch(model.cfg)
-  np.testing.assert_array_equal(model(x, t, y), np.zeros_like(x))
+  chex.assert_trees_all_equal(model(x, t, y), np.zeros_like(x))
 
 
 def test_bf16_model_accumulates_its_blocks_in_a_float32_residual_stream():
@@ -193,17 +230,17 @@ def test_sharded_forward_over_8_devices_matches_one_device():
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
   out = forward(state, put(x), put(t), put(y), subsets)
   assert len(out.sharding.device_set) == 8
-  np.testing.assert_allclose(out, expected, atol=1e-5)
+  chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=0)
   with jax.set_mesh(mesh):  # activation sharding constraints on: same numbers
     forward = jax.jit(forward.__wrapped__)
-    np.testing.assert_allclose(forward(state, put(x), put(t), put(y), subsets), expected,
-                               atol=1e-5)
+    chex.assert_trees_all_close(forward(state, put(x), put(t), put(y), subsets), expected,
+                                atol=1e-5, rtol=0)
     # SG's packed pass (two branches, different token counts) under the same mesh.
     weak = local.draw_subsets(jax.random.key(1), 8, 0.75)
     packed = jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state).branches(
         x, t, y, (subsets, weak)))(state, put(x), put(t), put(y))
-    np.testing.assert_allclose(packed[0], expected, atol=1e-5)
-    np.testing.assert_allclose(packed[1], local(x, t, y, weak), atol=1e-5)
+    chex.assert_trees_all_close(packed[0], expected, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(packed[1], local(x, t, y, weak), atol=1e-5, rtol=0)
 
 
 def test_remat_policies_give_the_gradients_of_the_plain_model():
@@ -242,19 +279,39 @@ def test_invalid_model_settings_raise_value_error_naming_field(overrides, match)
     dataclasses.replace(tiny_config("routing"), **overrides).validate()
 
 
-def test_xla_attention_kernel_is_the_default_model_and_cudnn_is_refused_off_gpu():
-  cfg = tiny_config("masking", dtype="bfloat16")
-  x, t, y = batch(cfg)
-  default = perturbed_model(cfg)(x, t, y)
-  explicit = perturbed_model(dataclasses.replace(cfg, attention="xla"))(x, t, y)
-  np.testing.assert_array_equal(explicit, default)
-  cudnn = perturbed_model(dataclasses.replace(cfg, attention="cudnn").validate())
+def numpy_attention(attn, x: np.ndarray) -> np.ndarray:
+  """Multi-head softmax(q k^T / sqrt(head dim)) v with the projections of `attn`, in numpy."""
+  b, n, d = x.shape
+  h = attn.num_heads
+  dense = lambda layer, a: a @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
+  q, k, v = (dense(layer, x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
+             for layer in (attn.q, attn.k, attn.v))
+  scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // h)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return dense(attn.proj, (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, d))
+
+
+def test_default_attention_is_xla_softmax_attention_and_cudnn_is_refused_off_gpu():
+  cfg = tiny_config("masking")  # attention left at its default
+  model = perturbed_model(cfg)
+  h = jax.random.normal(jax.random.key(3), (2, cfg.num_tokens, cfg.width))
+  graphdef, state = nnx.split(model.blocks[0].attn)
+  compiled = jax.jit(lambda state, h: nnx.merge(graphdef, state)(h)).lower(state, h).compile()
+  chex.assert_trees_all_close(compiled(state, h), numpy_attention(model.blocks[0].attn,
+                                                                  np.asarray(h, np.float64)),
+                              atol=1e-5, rtol=1e-5)
+  # No call into cuDNN's fused attention (on a GPU it would be a custom call to it).
+  assert not re.search(r'custom_call_target="[^"]*cudnn', compiled.as_text(), re.IGNORECASE)
+  cudnn = perturbed_model(dataclasses.replace(cfg, attention="cudnn", dtype="bfloat16"))
   # Same parameters whatever the kernel: checkpoints move between machines.
   chex.assert_trees_all_equal_shapes_and_dtypes(nnx.state(cudnn, nnx.Param),
-                                                nnx.state(perturbed_model(cfg), nnx.Param))
+                                                nnx.state(model, nnx.Param))
   if jax.default_backend() != "gpu":
-    with pytest.raises(ValueError, match="only on NVIDIA GPUs.*attention='xla'"):
-      cudnn(x, t, y)
+    backend = jax.default_backend()
+    with pytest.raises(ValueError, match=r"model.attention='cudnn' runs only on NVIDIA GPUs;"
+                       rf" this process runs on {backend}. Use model.attention='xla'"):
+      cudnn.blocks[0].attn(h)
 
 
 def test_masking_gamma_outside_range_raises():
