@@ -1,8 +1,8 @@
 """FID / sFID / IS / precision-recall, the FID Inception and the torch-file reader.
 
 Inception weights are random (the real file is not available to tests), so these check
-shapes, layouts, plumbing and error messages; the metric maths is checked against scipy and
-closed forms.
+shapes, layouts, plumbing and error messages, and the blocks against an independent numpy
+implementation; the metric maths is checked against numpy/scipy brute force and closed forms.
 """
 
 import collections
@@ -14,10 +14,13 @@ import sys
 import types
 import zipfile
 
+import chex
 import jax
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial
+from flax import nnx
 
 from sgjax import torch_state
 from sgjax.metrics import adm, features, inception, npz
@@ -36,6 +39,19 @@ def state_dict():
 @pytest.fixture(scope="module")
 def model(state_dict):
   return inception.from_state_dict(state_dict)
+
+
+@pytest.fixture(scope="module")
+def sample_images():
+  return np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sample_features(model, sample_images):
+  """Features of the small images (resized inside) through the sharded extractor: 8 fake
+  devices, the batch padded from 6 to 8."""
+  apply, params = features.nnx_apply(model)
+  return features.extract(apply, params, sample_images, batch_size=8)
 
 
 @pytest.fixture
@@ -156,12 +172,10 @@ def test_torch_reader_rebuilds_strided_tensors(fake_torch, tmp_path, layout):
 
   loaded = torch_state.load(path)
   assert list(loaded) == ["matrix", "transposed", "tail", "half", "long"]
-  np.testing.assert_array_equal(loaded["matrix"], base.reshape(4, 5))
-  np.testing.assert_array_equal(loaded["transposed"], base.reshape(4, 5).T)
-  np.testing.assert_array_equal(loaded["tail"], base[12:18].reshape(2, 3))
-  np.testing.assert_array_equal(loaded["half"], more["half"].args[0].flat.reshape(2, 3))
-  assert loaded["half"].dtype == np.float16 and loaded["long"].dtype == np.int64
-  np.testing.assert_array_equal(loaded["long"], np.arange(7))
+  chex.assert_trees_all_equal(dict(loaded), {  # strict: dtypes and shapes too
+      "matrix": base.reshape(4, 5), "transposed": base.reshape(4, 5).T,
+      "tail": base[12:18].reshape(2, 3), "half": more["half"].args[0].flat.reshape(2, 3),
+      "long": np.arange(7, dtype=np.int64)}, strict=True)
 
 
 def test_torch_reader_refuses_arbitrary_globals(tmp_path):
@@ -173,6 +187,103 @@ def test_torch_reader_refuses_arbitrary_globals(tmp_path):
 
 
 # -- Inception ------------------------------------------------------------------------------
+
+# An independent float64 numpy FID Inception, block by block, from pytorch-fid's tensors.
+# A block is its branches in concatenation order; a branch is a chain of steps, each a
+# conv+BN+ReLU unit (name "x/2": stride 2, unpadded; else stride 1, size kept), a tuple of
+# units applied to one input and concatenated, or a pool: "avg" 3x3/1 padded by 1 with the
+# padding left out of the count (pytorch-fid's count_include_pad=False), "max" 3x3/1 padded
+# by 1, "max/2" 3x3/2 unpadded.
+_INCEPTION_A = (("branch1x1",), ("branch5x5_1", "branch5x5_2"),
+                ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"), ("avg", "branch_pool"))
+_INCEPTION_B = (("branch3x3/2",), ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3/2"),
+                ("max/2",))
+_INCEPTION_C = (("branch1x1",), ("branch7x7_1", "branch7x7_2", "branch7x7_3"),
+                tuple(f"branch7x7dbl_{i}" for i in range(1, 6)), ("avg", "branch_pool"))
+_INCEPTION_D = (("branch3x3_1", "branch3x3_2/2"),
+                tuple(f"branch7x7x3_{i}" for i in range(1, 4)) + ("branch7x7x3_4/2",),
+                ("max/2",))
+
+
+def _inception_e(pool: str):  # Mixed_7b pools "avg", Mixed_7c "max" (FIDInceptionE_2)
+  return (("branch1x1",), ("branch3x3_1", ("branch3x3_2a", "branch3x3_2b")),
+          ("branch3x3dbl_1", "branch3x3dbl_2", ("branch3x3dbl_3a", "branch3x3dbl_3b")),
+          (pool, "branch_pool"))
+
+
+# name -> (branches, input channels, input size)
+_BLOCKS = {"Mixed_5b": (_INCEPTION_A, 192, 7), "Mixed_6a": (_INCEPTION_B, 288, 9),
+           "Mixed_6b": (_INCEPTION_C, 768, 7), "Mixed_7a": (_INCEPTION_D, 768, 9),
+           "Mixed_7b": (_inception_e("avg"), 1280, 6), "Mixed_7c": (_inception_e("max"), 2048, 6)}
+
+
+def _windows(x, kh, kw, stride):
+  """x [B, H, W, C] (already padded) -> the kh * kw shifted views of a sliding window."""
+  ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  return [x[:, dy:dy + stride * ho:stride, dx:dx + stride * wo:stride]
+          for dy in range(kh) for dx in range(kw)]
+
+
+def _np_unit(x, state, name):
+  """Conv (torch weight [out, in, kh, kw]) -> BatchNorm (eps 1e-3) -> ReLU, in float64."""
+  name, stride = (name[:-2], 2) if name.endswith("/2") else (name, 1)
+  w = state[f"{name}.conv.weight"].astype(np.float64)
+  _, _, kh, kw = w.shape
+  ph, pw = ((kh - 1) // 2, (kw - 1) // 2) if stride == 1 else (0, 0)
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  taps = [(dy, dx) for dy in range(kh) for dx in range(kw)]
+  y = sum(np.tensordot(v, w[:, :, dy, dx], axes=(3, 1))  # BLAS, unlike matmul on views
+          for v, (dy, dx) in zip(_windows(x, kh, kw, stride), taps))
+  bn = {k: state[f"{name}.bn.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
+  y = (y - bn["running_mean"]) / np.sqrt(bn["running_var"] + 1e-3) * bn["weight"] + bn["bias"]
+  return np.maximum(y, 0.0)
+
+
+def _np_pool(x, kind):
+  stride, pad = (2, 0) if kind == "max/2" else (1, 1)
+  fill = 0.0 if kind == "avg" else -np.inf
+  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+  if kind != "avg":
+    return np.max(_windows(padded, 3, 3, stride), axis=0)
+  real = np.pad(np.ones((1,) + x.shape[1:3] + (1,)), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return np.sum(_windows(padded, 3, 3, 1), axis=0) / np.sum(_windows(real, 3, 3, 1), axis=0)
+
+
+def _np_block(x, state, prefix, branches):
+  outputs = []
+  for branch in branches:
+    y = np.asarray(x, np.float64)
+    for step in branch:
+      if isinstance(step, tuple):
+        y = np.concatenate([_np_unit(y, state, f"{prefix}.{s}") for s in step], axis=-1)
+      elif step in ("avg", "max", "max/2"):
+        y = _np_pool(y, step)
+      else:
+        y = _np_unit(y, state, f"{prefix}.{step}")
+    outputs.append(y)
+  return np.concatenate(outputs, axis=-1)
+
+
+def _run_capturing_input(model, block: str, images, monkeypatch):
+  """(model(images), the input the block named `block` receives), in one jitted call."""
+  graphdef, state = nnx.split(model)
+  block_type = type(getattr(model, block))
+  call, seen = block_type.__call__, {}
+
+  def spy(self, x):
+    seen.setdefault(id(self), x)
+    return call(self, x)
+
+  monkeypatch.setattr(block_type, "__call__", spy)
+
+  @jax.jit
+  def run(state, images):
+    merged = nnx.merge(graphdef, state)
+    seen.clear()
+    out = merged(images)
+    return out, seen[id(getattr(merged, block))]
+
+  return run(state, images)
 
 
 def test_inception_state_dict_names():
@@ -189,53 +300,80 @@ def test_inception_layouts_match_torch(model, state_dict):
   """Conv [out, in, kh, kw] and linear [out, in] land where torch would use them."""
   rng = np.random.default_rng(1)
   x = rng.standard_normal((1, 7, 7, 3)).astype(np.float32)
-  w = state_dict["Conv2d_1a_3x3.conv.weight"]  # stride 2, no padding -> 3x3 outputs
-  bn = {k: state_dict[f"Conv2d_1a_3x3.bn.{k}"] for k in ("weight", "bias", "running_mean",
-                                                         "running_var")}
-  expected = np.zeros((3, 3, 32))
-  for i in range(3):
-    for j in range(3):
-      expected[i, j] = np.einsum("hwc,ochw->o", x[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3], w)
-  expected = (expected - bn["running_mean"]) / np.sqrt(bn["running_var"] + 1e-3)
-  expected = np.maximum(expected * bn["weight"] + bn["bias"], 0)
-  np.testing.assert_allclose(model.Conv2d_1a_3x3(x)[0], expected, rtol=1e-4, atol=1e-5)
+  expected = _np_unit(x, state_dict, "Conv2d_1a_3x3/2")  # stride 2, no padding -> 3x3
+  chex.assert_shape(expected, (1, 3, 3, 32))
+  chex.assert_trees_all_close(model.Conv2d_1a_3x3(x), expected, rtol=1e-4, atol=1e-5)
   pool = rng.standard_normal((2, 2048)).astype(np.float32)
-  np.testing.assert_allclose(model.fc(pool), pool @ state_dict["fc.weight"].T, rtol=1e-4,
-                             atol=1e-5)
+  chex.assert_trees_all_close(model.fc(pool), pool @ state_dict["fc.weight"].T, rtol=1e-4,
+                              atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def block_io(model):
+  """{block: (random input, our block's output)} of every Inception block, one compile."""
+  rng = np.random.default_rng(2)
+  # Standard normal inputs: negative values make max-pool padding and ReLUs matter.
+  inputs = {name: rng.standard_normal((1, size, size, cin)).astype(np.float32)
+            for name, (_, cin, size) in _BLOCKS.items()}
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, xs):
+    merged = nnx.merge(graphdef, state)
+    return {k: getattr(merged, k)(x) for k, x in xs.items()}
+
+  outputs = run(state, inputs)
+  return {name: (inputs[name], np.asarray(outputs[name])) for name in _BLOCKS}
+
+
+@pytest.mark.parametrize("block", list(_BLOCKS))
+def test_inception_block_matches_numpy_reference(block_io, state_dict, block):
+  """Each block type (A..E, Mixed_7c's max-pool E) equals the independent numpy blocks:
+  pool semantics at the borders, conv paddings and strides, branch concatenation order."""
+  x, ours = block_io[block]
+  expected = _np_block(x, state_dict, block, _BLOCKS[block][0])
+  chex.assert_trees_all_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_resize_matches_torch_bilinear():
   # F.interpolate(..., mode="bilinear", align_corners=False) weights, worked by hand.
-  np.testing.assert_allclose(inception.resize_matrix(2, 4),
-                             [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
-  np.testing.assert_allclose(inception.resize_matrix(4, 2),
-                             [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
-  np.testing.assert_allclose(inception.resize_matrix(5, 5), np.eye(5))
-  np.testing.assert_allclose(inception.resize_matrix(32).sum(1), 1.0, rtol=1e-6)
+  chex.assert_trees_all_close(
+      (inception.resize_matrix(2, 4), inception.resize_matrix(4, 2),
+       inception.resize_matrix(5, 5)),
+      (np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]]),
+       np.array([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]), np.eye(5)), rtol=1e-7, atol=0)
+  chex.assert_trees_all_close(inception.resize_matrix(32).sum(1), 1.0, rtol=1e-6, atol=0)
   x = np.full((1, 8, 6, 3), 255, np.uint8)
   out = inception.preprocess(x)
   assert out.shape == (1, 299, 299, 3)
-  np.testing.assert_allclose(out, 1.0, atol=1e-5)
+  chex.assert_trees_all_close(out, 1.0, rtol=0, atol=1e-5)
 
 
-def test_inception_feature_shapes(model):
-  """Small images (resized inside) through the sharded extractor; 299 and odd sizes by shape."""
-  rng = np.random.default_rng(0)
-  apply, params = features.nnx_apply(model)
-  images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-  out = features.extract(apply, params, images, batch_size=8)  # 8 fake devices, padded
-  assert {k: v.shape for k, v in out.items()} == {
-      "pool": (3, 2048), "spatial": (3, 17 * 17 * 7), "logits": (3, 1008)}
-  assert all(np.all(np.isfinite(v)) for v in out.values())
+def test_inception_features_shapes_and_adm_spatial(model, state_dict, sample_images,
+                                                   sample_features, monkeypatch):
+  """Extracted feature shapes; 299 and odd sizes by shape; sFID's features are ADM's:
+  mixed_6/conv (the ReLU output of Mixed_6d's 1x1 branch, TF's mixed_6 being torchvision's
+  Mixed_6d), its first 7 channels flattened in (h, w, c) order."""
+  out = sample_features
+  chex.assert_shape([out["pool"], out["spatial"], out["logits"]],
+                    [(6, 2048), (6, 17 * 17 * 7), (6, 1008)])
+  chex.assert_tree_all_finite(out)
   assert np.all(out["pool"] >= 0) and np.all(out["spatial"] >= 0)  # after ReLU
-  for size in ((299, 299), (64, 48)):
-    shapes = jax.eval_shape(model, jax.ShapeDtypeStruct((2,) + size + (3,), np.uint8))
-    assert {k: v.shape for k, v in shapes.items()} == {
-        "pool": (2, 2048), "spatial": (2, 2023), "logits": (2, 1008)}
+  shapes = jax.eval_shape(model, jax.ShapeDtypeStruct((2, 64, 48, 3), np.uint8))
+  assert {k: v.shape for k, v in shapes.items()} == {
+      "pool": (2, 2048), "spatial": (2, 2023), "logits": (2, 1008)}
   # A 299x299 input skips resizing: feeding the resized pixels gives the same features.
-  resized = (np.asarray(inception.preprocess(images[:1])) + 1.0) * 127.5
-  direct = jax.jit(apply)(params, resized)
-  np.testing.assert_allclose(direct["pool"], out["pool"][:1], rtol=2e-3, atol=2e-4)
+  resized = (np.asarray(inception.preprocess(sample_images[:1])) + 1.0) * 127.5
+  direct, mixed_6d_input = _run_capturing_input(model, "Mixed_6d", resized, monkeypatch)
+  chex.assert_shape([direct["pool"], direct["spatial"], direct["logits"]],
+                    [(1, 2048), (1, 2023), (1, 1008)])
+  chex.assert_trees_all_close(direct["pool"], out["pool"][:1], rtol=2e-3, atol=2e-4)
+  chex.assert_shape(mixed_6d_input, (1, 17, 17, 768))
+  conv = _np_unit(mixed_6d_input, state_dict, "Mixed_6d.branch1x1")  # [1, 17, 17, 192]
+  expected = np.stack([conv[0, h, w, c] for h in range(17) for w in range(17)
+                       for c in range(7)])[None]
+  chex.assert_trees_all_close(direct["spatial"], expected, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(out["spatial"][:1], expected, rtol=2e-3, atol=2e-4)
 
 
 def test_inception_missing_or_misshaped_tensor(state_dict):
@@ -274,11 +412,10 @@ def test_inception_loads_torch_file_and_converts(fake_torch, state_dict, tmp_pat
   write_torch_zip(path, obj, storages)
   monkeypatch.setenv(inception.WEIGHTS_ENV, path)
   model = inception.load()
-  np.testing.assert_array_equal(model.Mixed_7c.branch3x3_2b.conv.kernel[...],
-                                state_dict["Mixed_7c.branch3x3_2b.conv.weight"].transpose(
-                                    2, 3, 1, 0))
-  np.testing.assert_array_equal(model.Mixed_5b.branch_pool.bn.var[...],
-                                state_dict["Mixed_5b.branch_pool.bn.running_var"])
+  chex.assert_trees_all_equal(
+      (model.Mixed_7c.branch3x3_2b.conv.kernel[...], model.Mixed_5b.branch_pool.bn.var[...]),
+      (state_dict["Mixed_7c.branch3x3_2b.conv.weight"].transpose(2, 3, 1, 0),
+       state_dict["Mixed_5b.branch_pool.bn.running_var"]))
   out = str(tmp_path / "inception.npz")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "sgjax.metrics.inception", f"--convert={path}",
@@ -287,8 +424,7 @@ def test_inception_loads_torch_file_and_converts(fake_torch, state_dict, tmp_pat
   assert proc.returncode == 0, proc.stderr[-3000:]
   converted = inception.read_weights(out)
   assert sorted(converted) == sorted(state_dict)
-  for name in ("Conv2d_1a_3x3.conv.weight", "fc.weight", "Mixed_6d.branch1x1.bn.bias"):
-    np.testing.assert_array_equal(converted[name], state_dict[name])
+  chex.assert_trees_all_equal(converted, state_dict, strict=True)
 
 
 def test_inception_file_missing_a_tensor(fake_torch, tmp_path, monkeypatch):
@@ -302,8 +438,7 @@ def test_inception_file_missing_a_tensor(fake_torch, tmp_path, monkeypatch):
   # The file holds one tensor only: loading names the first one it lacks.
   with pytest.raises(KeyError, match=r"Conv2d_1a_3x3\.bn\.weight"):
     inception.load()
-  np.testing.assert_array_equal(inception.read_weights(path)["Conv2d_1a_3x3.conv.weight"],
-                                small["Conv2d_1a_3x3.conv.weight"])
+  chex.assert_trees_all_equal(inception.read_weights(path), small, strict=True)
 
 
 # -- metric maths ---------------------------------------------------------------------------
@@ -327,10 +462,10 @@ def test_trace_sqrt_product_matches_scipy_sqrtm(n, d):
   s2 = np.cov(rng.standard_normal((n, d)) @ rng.standard_normal((d, d)), rowvar=False)
   factor = adm.psd_factor(s1)
   assert factor.shape == (d, min(n - 1, d))
-  np.testing.assert_allclose(factor @ factor.T, s1, atol=1e-10)
+  chex.assert_trees_all_close(factor @ factor.T, s1, rtol=0, atol=1e-10)
   expected = np.trace(np.real(scipy.linalg.sqrtm(s1 @ s2)))
-  np.testing.assert_allclose(adm.trace_sqrt_product(s1, s2), expected, rtol=1e-3)
-  np.testing.assert_allclose(adm.trace_sqrt_product(s1, s1), np.trace(s1), rtol=1e-9)
+  chex.assert_trees_all_close(adm.trace_sqrt_product(s1, s2), expected, rtol=1e-3, atol=0)
+  chex.assert_trees_all_close(adm.trace_sqrt_product(s1, s1), np.trace(s1), rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("n,d", [(400, 32), (50, 80)])  # full-rank and singular covariances
@@ -356,30 +491,27 @@ def test_fid_closed_form_gaussians():
   s1 = adm.Statistics(mu1, rot @ np.diag(a) @ rot.T)
   s2 = adm.Statistics(mu2, rot @ np.diag(b) @ rot.T)
   expected = np.sum((mu1 - mu2)**2) + np.sum((np.sqrt(a) - np.sqrt(b))**2)
-  np.testing.assert_allclose(adm.frechet_distance(s1, s2), expected, rtol=1e-9)
+  chex.assert_trees_all_close(adm.frechet_distance(s1, s2), expected, rtol=1e-9, atol=0)
   # Non-commuting 2D case: N(0, I) vs N(0, [[4, 0], [0, 1/4]]) rotated by 45 degrees.
   c = np.sqrt(0.5)
   r45 = np.array([[c, -c], [c, c]])
   s3 = adm.Statistics(np.zeros(2), r45 @ np.diag([4.0, 0.25]) @ r45.T)
   expected = 2 + 4.25 - 2 * (2 + 0.5)  # tr sqrt(I @ S) = sum of sqrt(eigenvalues)
-  np.testing.assert_allclose(adm.frechet_distance(adm.Statistics(np.zeros(2), np.eye(2)), s3),
-                             expected, atol=1e-12)
+  chex.assert_trees_all_close(adm.frechet_distance(adm.Statistics(np.zeros(2), np.eye(2)), s3),
+                              expected, rtol=0, atol=1e-12)
   with pytest.raises(ValueError, match="differ in shape"):
     adm.frechet_distance(s1, adm.Statistics(np.zeros(2), np.eye(2)))
 
 
-def test_precision_recall():
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((300, 16)).astype(np.float32)
-  assert adm.precision_recall(x, x) == (1.0, 1.0)
-  assert adm.precision_recall(x, x + 100.0) == (0.0, 0.0)
-  # Samples from half of the reference: precise, but recall about one half.
-  half = x[x[:, 0] > 0]
-  precision, recall = adm.precision_recall(x, half)
-  assert precision == 1.0 and 0.3 < recall < 0.95
-  # k-th neighbour radii agree with a brute-force numpy computation.
-  d = ((x[:, None] - x[None]) ** 2).sum(-1)
-  np.testing.assert_allclose(adm.manifold_radii(x, 3), np.sort(d, axis=1)[:, 3], rtol=1e-4)
+def _np_radii(points, k=3):
+  """Squared distance from each point to its k-th nearest neighbour, itself being the 0th."""
+  return np.sort(scipy.spatial.distance.cdist(points, points, "sqeuclidean"), axis=1)[:, k]
+
+
+def _np_covered(queries, points, k=3) -> float:
+  """Fraction of queries within (<=) the k-NN radius of some point (Kynkaanniemi et al.)."""
+  d = scipy.spatial.distance.cdist(queries, points, "sqeuclidean")
+  return float(np.mean(np.any(d <= _np_radii(points, k)[None, :], axis=1)))
 
 
 def test_inception_score():
@@ -388,22 +520,77 @@ def test_inception_score():
   assert adm.inception_score(confident) == pytest.approx(5.0, rel=1e-6)
   # Splits: two halves of 10, each seeing 5 classes -> 5; the whole set -> 5 too.
   assert adm.inception_score(confident, split_size=10) == pytest.approx(5.0, rel=1e-6)
-  # Against the reference's formula on softmax probabilities.
   logits = np.random.default_rng(0).standard_normal((30, 8))
+  assert adm.inception_score(logits, split_size=10) == pytest.approx(
+      _np_inception_score(logits, 10), rel=1e-12)
+
+
+def _np_inception_score(logits, split_size) -> float:
+  """The reference's formula on softmax probabilities."""
   p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
   scores = []
-  for i in range(0, 30, 10):
-    part = p[i:i + 10]
+  for i in range(0, len(p), split_size):
+    part = p[i:i + split_size]
     kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
     scores.append(np.exp(kl.sum(1).mean()))
-  assert adm.inception_score(logits, split_size=10) == pytest.approx(np.mean(scores))
+  return float(np.mean(scores))
+
+
+def _np_statistics(features) -> adm.Statistics:
+  """Mean and unbiased covariance by explicit sums over the rows."""
+  features = np.asarray(features, np.float64)
+  n = len(features)
+  mu = sum(features) / n
+  return adm.Statistics(mu, sum(np.outer(f - mu, f - mu) for f in features) / (n - 1))
+
+
+@pytest.mark.parametrize("row_block", [None, 64])  # 64: rows split into padded blocks
+def test_adm_metrics_match_brute_force(monkeypatch, row_block):
+  """The five numbers from random {pool, spatial, logits} features against brute force: FID
+  on pool, sFID on spatial (scipy's sqrtm on explicit-sum statistics), precision/recall on
+  pool (two shifted Gaussian clouds: fractions far from 0 and 1), IS on the sample logits."""
+  if row_block:
+    monkeypatch.setattr(adm, "_ROW_BLOCK", row_block)
+  rng = np.random.default_rng(0)
+  reference = {"pool": rng.standard_normal((300, 16)).astype(np.float32)}
+  samples = {"pool": (0.9 * rng.standard_normal((250, 16)) + 0.5).astype(np.float32)}
+  for feats, shift in ((reference, 0.0), (samples, 0.4)):
+    feats["spatial"] = rng.standard_normal((len(feats["pool"]), 20)) @ rng.uniform(
+        0, 1, (20, 20)) - shift
+    feats["logits"] = 2 * rng.standard_normal((len(feats["pool"]), 10))
+  for key in ("pool", "spatial"):
+    ours, brute = adm.statistics(samples[key]), _np_statistics(samples[key])
+    chex.assert_trees_all_close((ours.mu, ours.sigma), (brute.mu, brute.sigma), rtol=1e-12,
+                                atol=1e-12)
+  chex.assert_trees_all_close(adm.manifold_radii(reference["pool"], 3),
+                              _np_radii(reference["pool"]), rtol=1e-5, atol=0)
+  expected = {
+      "inception_score": _np_inception_score(samples["logits"], adm.IS_SPLIT_SIZE),
+      "fid": _reference_fid(_np_statistics(samples["pool"]),
+                            _np_statistics(reference["pool"])),
+      "sfid": _reference_fid(_np_statistics(samples["spatial"]),
+                             _np_statistics(reference["spatial"])),
+      "precision": _np_covered(samples["pool"], reference["pool"]),
+      "recall": _np_covered(reference["pool"], samples["pool"])}
+  assert 0.1 < expected["precision"] < 0.9 and 0.1 < expected["recall"] < 0.9, expected
+  result = adm.metrics(samples, reference)
+  assert set(result) == set(expected)
+  chex.assert_trees_all_equal({k: result[k] for k in ("precision", "recall")},
+                              {k: expected[k] for k in ("precision", "recall")})
+  chex.assert_trees_all_close(result, expected, rtol=1e-9, atol=0)
+  # From stored reference statistics: the same FID/sFID, and no P/R without features.
+  stats = {k: _np_statistics(reference[k]) for k in ("pool", "spatial")}
+  from_stats = adm.metrics(samples, reference_stats=stats)
+  chex.assert_trees_all_close(
+      from_stats, {k: expected[k] for k in ("inception_score", "fid", "sfid")}, rtol=1e-9,
+      atol=0)
 
 
 def test_extract_pads_and_streams_npz(tmp_path):
   images = np.arange(13 * 2 * 2 * 1, dtype=np.uint8).reshape(13, 2, 2, 1)
   apply = lambda scale, x: {"x": x.astype(np.float32) * scale}
   out = features.extract(apply, np.float32(2.0), images, batch_size=5)  # -> 8 on 8 devices
-  np.testing.assert_array_equal(out["x"], images * 2.0)
+  chex.assert_trees_all_equal(out["x"], images * np.float32(2.0), strict=True)
   for save in (np.savez, np.savez_compressed):
     path = str(tmp_path / f"{save.__name__}.npz")
     save(path, images, np.arange(13))
@@ -411,42 +598,39 @@ def test_extract_pads_and_streams_npz(tmp_path):
     assert len(arr) == 13 and arr.shape == images.shape
     batches = list(arr.batches(4))
     assert [len(b) for b in batches] == [4, 4, 4, 1]
-    np.testing.assert_array_equal(np.concatenate(batches), images)
-    np.testing.assert_array_equal(features.NpzArray(path, "arr_1").read(), np.arange(13))
+    read = (np.concatenate(batches), features.NpzArray(path, "arr_1").read())
+    chex.assert_trees_all_equal(read, (images, np.arange(13)), strict=True)
 
 
 # -- the ADM pipeline end to end, with random Inception weights -----------------------------
 
 
-def test_adm_evaluate_npz(state_dict, tmp_path):
+def test_adm_evaluate_npz(state_dict, sample_images, sample_features, tmp_path):
   weights = str(tmp_path / "inception.npz")
   np.savez(weights, **state_dict)
-  rng = np.random.default_rng(0)
   samples = str(tmp_path / "samples.npz")
-  reference = str(tmp_path / "ref.npz")
-  np.savez(samples, rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
-  np.savez(reference, rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
-  result = npz.evaluate_npz(samples, reference, "adm", weights, batch_size=8)
-  assert set(result) >= {"inception_score", "fid", "sfid", "precision", "recall"}
+  np.savez(samples, sample_images)
+  # Against itself: FID and sFID 0, precision and recall 1; written beside the samples.
+  same = npz.evaluate_npz(samples, samples, "adm", weights, batch_size=8)
+  assert set(same) >= {"inception_score", "fid", "sfid", "precision", "recall"}
   written = json.loads((tmp_path / "metrics.json").read_text())
-  assert written["fid"] == result["fid"] and written["num_samples"] == 6
-  assert result["fid"] > 0 and 0 <= result["precision"] <= 1
-  # Against itself: FID 0, precision and recall 1.
-  same = npz.evaluate_npz(samples, samples, "adm", weights, batch_size=8,
-                          out=str(tmp_path / "same.json"))
+  assert written["fid"] == same["fid"] and written["num_samples"] == 6
   assert abs(same["fid"]) < 1e-3 and abs(same["sfid"]) < 1e-3
   assert same["precision"] == same["recall"] == 1.0
-  # A reference holding statistics only (as ADM's batches do, besides images).
-  model = inception.from_state_dict(state_dict)
-  apply, params = features.nnx_apply(model)
-  feats = features.extract(apply, params, np.load(samples)["arr_0"], batch_size=8)
-  stats = {"pool": adm.statistics(feats["pool"]), "spatial": adm.statistics(feats["spatial"])}
+  # A reference holding statistics only (as ADM's batches do, besides images), here those of
+  # half the samples: FID from mu/sigma, sFID from mu_s/sigma_s, no precision/recall.
+  stats = {k: adm.statistics(sample_features[k][:3]) for k in ("pool", "spatial")}
   stats_only = str(tmp_path / "stats.npz")
   np.savez(stats_only, mu=stats["pool"].mu, sigma=stats["pool"].sigma,
            mu_s=stats["spatial"].mu, sigma_s=stats["spatial"].sigma)
   from_stats = npz.evaluate_npz(samples, stats_only, "adm", weights, batch_size=8,
                                 out=str(tmp_path / "stats.json"))
-  assert abs(from_stats["fid"]) < 1e-3 and "precision" not in from_stats
+  # frechet_distance is checked against scipy above; here: which statistics reach it.
+  expected = {name: adm.frechet_distance(adm.statistics(sample_features[k]), stats[k])
+              for name, k in (("fid", "pool"), ("sfid", "spatial"))}
+  assert min(expected.values()) > 1e-2 and "precision" not in from_stats
+  chex.assert_trees_all_close({k: from_stats[k] for k in expected}, expected, rtol=1e-4,
+                              atol=0)
   with pytest.raises(ValueError, match="needs a reference"):
     npz.evaluate_npz(samples, None, "adm", weights)
   assert os.path.exists(tmp_path / "stats.json")

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -38,7 +39,7 @@ def test_split_is_fixed_and_disjoint():
   assert train_images.dtype == np.uint8 and held_images.max() == 255
   assert set(np.unique(held_labels)) == set(range(10))
   again, _ = digits.digits_split("heldout")
-  np.testing.assert_array_equal(again, held_images)
+  chex.assert_trees_all_equal(again, held_images, strict=True)
   # No held-out digit is also a training digit (up to exact duplicates in the data).
   train_set = {im.tobytes() for im in train_images}
   assert sum(im.tobytes() in train_set for im in held_images) <= 3
@@ -53,8 +54,8 @@ def test_classifier_accuracy_and_cache(classifier, cache):
   assert files == [f"digits_classifier_{digits.ClassifierConfig().cache_key()}.npz"]
   reloaded = digits.load_classifier(cache=cache)  # from the file, no training
   images, _ = digits.digits_split("heldout")
-  np.testing.assert_allclose(reloaded(images[:16])["logits"], classifier(images[:16])["logits"],
-                             rtol=1e-6)
+  chex.assert_trees_all_close(reloaded(images[:16]), classifier(images[:16]), rtol=1e-6,
+                              atol=0)
   assert digits.ClassifierConfig(seed=1).cache_key() != digits.ClassifierConfig().cache_key()
 
 
