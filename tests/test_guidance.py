@@ -14,11 +14,14 @@ SG_FID = GuidanceConfig(rule="ag+sg", omega=1.5, schedule="cosine", gamma_strong
                         gamma_strong_end=0.6, gamma_weak=0.6, gamma_weak_end=0.0)
 
 
-def test_omega_one_is_the_strong_branch_and_the_rule_is_linear():
+@pytest.mark.parametrize("variant", [jax.jit, lambda f: f], ids=["jit", "eager"])
+def test_omega_one_is_the_strong_branch_and_the_rule_is_linear(variant):
   a, b = jax.random.normal(jax.random.key(0), (2, 4, 3))
-  np.testing.assert_array_equal(guidance.guided_velocity(a, b, 1.0), a)
-  np.testing.assert_allclose(guidance.guided_velocity(a, b, 1.5), a + 0.5 * (a - b), atol=1e-6)
-  np.testing.assert_allclose(guidance.guided_velocity(a, a, 3.0), a, atol=1e-6)
+  guided = variant(guidance.guided_velocity)
+  chex.assert_trees_all_equal(guided(a, b, 1.0), a)
+  chex.assert_trees_all_close(guided(a, b, 1.5), a + 0.5 * (a - b), rtol=0, atol=1e-6)
+  chex.assert_trees_all_close(guided(a, b, -0.5), 1.5 * b - 0.5 * a, rtol=0, atol=1e-6)
+  chex.assert_trees_all_close(guided(a, a, 3.0), a, rtol=0, atol=1e-6)
 
 
 def test_icg_weak_label_is_uniform_over_all_classes_independent_of_the_true_one():
@@ -38,9 +41,9 @@ def test_weak_labels_per_rule():
   labels = jnp.array([0, 3, 9])
   key = jax.random.key(1)
   for rule in ("cfg", "cfg+sg"):
-    np.testing.assert_array_equal(guidance.weak_labels(rule, labels, key, 10), [10, 10, 10])
+    chex.assert_trees_all_equal(guidance.weak_labels(rule, labels, key, 10), jnp.full(3, 10))
   for rule in ("sg", "ag", "ag+sg"):
-    np.testing.assert_array_equal(guidance.weak_labels(rule, labels, key, 10), labels)
+    chex.assert_trees_all_equal(guidance.weak_labels(rule, labels, key, 10), labels)
   icg = np.asarray(guidance.weak_labels("icg", jnp.zeros(1000, jnp.int32), key, 10))
   # Independent of the true class 0: every class, class 0 itself about a tenth of the time.
   assert set(icg.tolist()) == set(range(10)) and 70 < np.sum(icg == 0) < 130
@@ -64,7 +67,7 @@ def test_cosine_schedule_of_the_papers_best_setting():
   # Main model 0 -> 0.6, auxiliary 0.6 -> 0, exact at both ends, monotone in between.
   assert (strong[0], strong[-1], weak[0], weak[-1]) == (0.0, 0.6, 0.6, 0.0)
   assert strong == sorted(strong) and weak == sorted(weak, reverse=True)
-  np.testing.assert_allclose(np.add(strong, weak), 0.6, atol=1e-12)
+  chex.assert_trees_all_close(np.add(strong, weak), np.full(40, 0.6), rtol=0, atol=1e-12)
   # Quantised: at most num_levels distinct rates per branch.
   assert len(set(strong)) == len(set(weak)) == SG_FID.num_levels
   # Unquantised it follows the cosine; at the midpoint both rates are near 0.3.
@@ -80,8 +83,10 @@ def test_exact_cosine_schedule_follows_the_formula_at_every_step():
   steps = 40
   settings = guidance.step_settings(exact, steps)
   weight = 0.5 * (1 + np.cos(np.pi * np.arange(steps) / (steps - 1)))
-  np.testing.assert_allclose([s.gamma_strong for s in settings], 0.6 * (1 - weight), atol=1e-12)
-  np.testing.assert_allclose([s.gamma_weak for s in settings], 0.6 * weight, atol=1e-12)
+  chex.assert_trees_all_close(np.array([s.gamma_strong for s in settings]), 0.6 * (1 - weight),
+                              rtol=0, atol=1e-12)
+  chex.assert_trees_all_close(np.array([s.gamma_weak for s in settings]), 0.6 * weight, rtol=0,
+                              atol=1e-12)
   # The rounded default misses the cosine by up to half a level (0.6 / 7 / 2).
   rounded = [s.gamma_weak for s in guidance.step_settings(SG_FID, steps)]
   assert 0.03 < np.max(np.abs(np.subtract(rounded, 0.6 * weight))) <= 0.6 / 14 + 1e-12

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
 from configs import digits, imagenet256
+from sgjax import checkpoint, config as config_lib, flops
 from sgjax import guidance as guidance_lib, report, sample, sweep, train
 from tests import helpers
 
@@ -39,9 +41,10 @@ def test_sample_writes_grid_npz_and_report_deterministically(run, tmp_path):
                  batch_size=16, seed=4)
   load = lambda d: np.load(tmp_path / d / "samples.npz")
   images, labels = load("a")["arr_0"], load("a")["arr_1"]
-  assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8
-  np.testing.assert_array_equal(labels, np.arange(20) % 10)  # balanced by default
-  np.testing.assert_array_equal(images, load("b")["arr_0"])
+  chex.assert_shape(images, (20, 8, 8, 1))
+  chex.assert_type(images, np.uint8)
+  chex.assert_trees_all_equal(labels, np.arange(20) % 10)  # balanced by default
+  chex.assert_trees_all_equal(images, load("b")["arr_0"])
   assert not np.array_equal(images, load("c")["arr_0"])
   assert (tmp_path / "a" / "grid.png").stat().st_size > 0
   with open(tmp_path / "a" / "sampling.json") as f:
@@ -50,8 +53,15 @@ def test_sample_writes_grid_npz_and_report_deterministically(run, tmp_path):
   assert saved["images_per_s"] > 0 and saved["wall_s"] > 0
   unguided = sample.run(str(run / "model"), guidance_lib.GuidanceConfig(rule="none"),
                         str(tmp_path / "none"), steps=4, num_samples=16, batch_size=16)
-  assert c["trajectory_gflops_true"] > unguided["trajectory_gflops_true"]
-  assert a["trajectory_gflops_true"] == pytest.approx(4 * a["gflops_true"])
+  # The FLOPs reported are those of the 4 steps run, on the run's architecture: 4 dense
+  # passes unguided; 4 SG steps (strong and weak branch) guided.
+  model_cfg = config_lib.model_config(checkpoint.run_config(str(run / "model"))[0]["model"])
+  dense_pass = flops.forward_flops(model_cfg, 0.0).true / 1e9
+  assert unguided["trajectory_gflops_true"] == pytest.approx(4 * dense_pass)
+  sg_step = flops.guided_step_flops(model_cfg, sg()).true / 1e9
+  assert dense_pass < sg_step < 2 * dense_pass
+  assert a["gflops_true"] == pytest.approx(sg_step)
+  assert c["trajectory_gflops_true"] == pytest.approx(4 * sg_step)
 
 
 def test_sample_rejects_bad_input(run, tmp_path):
@@ -188,8 +198,9 @@ def test_run_on_vae_latents_without_a_vae_samples_latents_and_sweeps_ask_for_it(
   assert sorted(os.listdir(out)) == ["latents.npz", "sampling.json"]
   assert summary["output"] == "latents"
   latents, labels = np.load(os.path.join(out, "latents.npz")).values()
-  assert latents.shape == (10, 8, 8, 4) and latents.dtype == np.float32
-  np.testing.assert_array_equal(labels, np.arange(10))  # balanced: classes 0, 1, 2, ...
+  chex.assert_shape(latents, (10, 8, 8, 4))
+  chex.assert_type(latents, np.float32)
+  chex.assert_trees_all_equal(labels, np.arange(10))  # balanced: classes 0, 1, 2, ...
   # The barely trained model returns near its initial N(0, 1) noise, in the model's units
   # (latents x 0.18215); the file holds the VAE's units.
   assert 4.0 < latents.std() < 7.0

@@ -1,6 +1,8 @@
 import dataclasses
 import functools
+import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,67 +44,162 @@ def _branch(state, x, t, y, key, omega, *, graphdef, rule, seg, nested):
   return sampling.branch_velocity(model, None, rule, seg, x, t, y, key, omega, nested)
 
 
-def branch_velocity(model, rule, gamma_strong, gamma_weak, omega=1.5, key=0, nested=False,
-                    labels=None):
-  """sampling.branch_velocity on the test batch, jitted once per static setting.
-
-  gamma_weak=None evaluates the strong branch alone: the plain prediction at gamma_strong.
-  """
+def branch_velocity(model, rule, gamma_strong, gamma_weak, omega=1.5, key=0, nested=False):
+  """sampling.branch_velocity on the test batch, jitted once per static setting."""
   x, t, y = batch(model.cfg)
   graphdef, state = nnx.split(model)
-  return _branch(state, x, t, y if labels is None else labels, jax.random.key(key),
+  return _branch(state, x, t, y, jax.random.key(key),
                  jnp.float32(omega), graphdef=graphdef, rule=rule,
                  seg=segment(model.cfg, gamma_strong, gamma_weak), nested=nested)
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(state, x, t, y, subsets, *, graphdef):
+  return nnx.merge(graphdef, state)(x, t, y, subsets)
+
+
+def forward(model, x, t, y, key, gamma):
+  """(one plain model call at rate gamma, the token subsets it used, drawn from key)."""
+  graphdef, state = nnx.split(model)
+  subsets = dit.draw_subsets(model.cfg, key, x.shape[0], gamma)
+  return _forward(state, x, t, y, subsets, graphdef=graphdef), subsets
+
+
+def reference_branches(model, aux_model, rule, x, t, y, key, gamma_strong, gamma_weak,
+                       nested=False):
+  """(v_strong, v_weak or None, (strong subsets, weak subsets)) of one evaluation, from
+  separate model calls. The branches as sgjax.guidance's table has them; the keys as
+  sgjax.sampling documents: branch b's subsets from fold_in(key, b) (nested: both from the
+  strong branch's), ICG's uniform label from fold_in(key, 2)."""
+  num_classes = model.cfg.num_classes
+  strong_key = jax.random.fold_in(key, 0)
+  strong, strong_subsets = forward(model, x, t, y, strong_key, gamma_strong)
+  if gamma_weak is None:
+    return strong, None, (strong_subsets, None)
+  if rule in ("cfg", "cfg+sg"):
+    weak_y = jnp.full_like(y, num_classes)
+  elif rule == "icg":
+    weak_y = jax.random.randint(jax.random.fold_in(key, 2), y.shape, 0, num_classes, y.dtype)
+  else:
+    weak_y = y
+  weak_model = aux_model if rule in ("ag", "ag+sg") else model
+  weak, weak_subsets = forward(weak_model, x, t, weak_y,
+                               strong_key if nested else jax.random.fold_in(key, 1), gamma_weak)
+  return strong, weak, (strong_subsets, weak_subsets)
+
+
+def reference_trajectory(model, rule, labels, seed, step_gammas, omega, solver, nested=False):
+  """The sampler's run written out: noise from fold_in(key, 0), evaluation (step, stage) keyed
+  by fold_in(fold_in(fold_in(key, 1), step), stage), step s at step_gammas[s] = (gamma_strong,
+  gamma_weak or None: unguided), Euler or Heun updates in a Python loop.
+
+  -> (x at t = 1, [(strong subsets, weak subsets) of every evaluation]).
+  """
+  key = jax.random.key(seed)
+  cfg, n = model.cfg, labels.shape[0]
+  x = jax.random.normal(jax.random.fold_in(key, 0),
+                        (n, cfg.input_size, cfg.input_size, cfg.in_channels))
+  steps, used = len(step_gammas), []
+  dt = 1.0 / steps
+
+  def velocity(x, t, step, stage):
+    k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 1), step), stage)
+    strong, weak, subsets = reference_branches(model, None, rule, x, jnp.full((n,), t), labels,
+                                               k, *step_gammas[step], nested=nested)
+    used.append(subsets)
+    return strong if weak is None else omega * strong + (1 - omega) * weak
+
+  for step in range(steps):
+    t = step / steps
+    v = velocity(x, t, step, 0)
+    if solver == "euler":
+      x = x + dt * v
+    else:
+      x = x + 0.5 * dt * (v + velocity(x + dt * v, t + dt, step, 1))
+  return x, used
+
+
+def cosine_gammas(start, end, steps, num_levels):
+  """Each step's rate of a cosine schedule from start to end, its weight rounded to num_levels
+  levels (0: exact)."""
+  gammas = []
+  for step in range(steps):
+    weight = 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+    if num_levels:
+      weight = round(weight * (num_levels - 1)) / (num_levels - 1)
+    gammas.append(weight * start + (1 - weight) * end)
+  return gammas
+
+
 def test_sg_with_both_gammas_zero_is_the_plain_conditional_prediction(model):
-  plain = branch_velocity(model, "none", 0.0, None)
-  for omega in (1.5, 3.0):
-    np.testing.assert_allclose(branch_velocity(model, "sg", 0.0, 0.0, omega), plain, atol=1e-5)
-  # Equal non-zero gammas with nested subsets: both branches see the same tokens.
-  strong = branch_velocity(model, "none", 0.5, None, key=3)
-  np.testing.assert_allclose(branch_velocity(model, "sg", 0.5, 0.5, 2.0, key=3, nested=True),
-                             strong, atol=1e-5)
-  assert np.abs(np.asarray(strong - plain)).max() > 1e-3
-
-
-def test_cfg_sg_with_both_gammas_zero_is_cfg(model):
-  _, _, y = batch(model.cfg)
-  null = jnp.full_like(y, model.cfg.num_classes)
-  cfg = (2.0 * branch_velocity(model, "none", 0.0, None)
-         - branch_velocity(model, "none", 0.0, None, labels=null))
-  np.testing.assert_allclose(branch_velocity(model, "cfg+sg", 0.0, 0.0, 2.0), cfg, atol=1e-5)
-
-
-@pytest.mark.parametrize("rule,gammas", [
-    ("cfg", (0.0, 0.0)), ("sg", (0.25, 0.75)), ("cfg+sg", (0.25, 0.5)), ("icg", (0.0, 0.5)),
-    ("ag", (0.0, 0.0)), ("ag+sg", (0.25, 0.5))])
-def test_any_rule_with_omega_one_is_its_strong_branch_alone(model, aux_model, rule, gammas):
+  # Both branches are the dense conditional prediction, whatever omega: a direct model call.
+  # (CFG+SG at 0 / 0 is CFG: the guided-velocity and Heun tests below check both formulas.)
   x, t, y = batch(model.cfg)
-  g = GuidanceConfig(rule, omega=1.0, gamma_strong=gammas[0], gamma_weak=gammas[1])
-  aux = aux_model if g.uses_aux else None
-  guided = sampling.Sampler(model, g, aux_model=aux).velocity(x, t, y, jax.random.key(4))
-  strong = branch_velocity(model, "none", gammas[0], None, key=4)
-  np.testing.assert_allclose(guided, strong, atol=1e-5)
-  # ... and omega != 1 (same compilation: omega is a runtime argument) mixes in the weak one.
-  mixed = sampling.Sampler(model, dataclasses.replace(g, omega=2.0), aux_model=aux)
-  assert np.abs(np.asarray(mixed.velocity(x, t, y, jax.random.key(4)) - strong)).max() > 1e-3
+  cond, _ = forward(model, x, t, y, jax.random.key(0), 0.0)
+  for omega in (1.5, 3.0):
+    chex.assert_trees_all_close(branch_velocity(model, "sg", 0.0, 0.0, omega), cond,
+                                rtol=0, atol=1e-5)
+
+
+# The rules whose branches are two calls (other labels or model, other token counts). SG's
+# packed pass and the vmapped pass of equal token counts (CFG) are checked over whole
+# trajectories below.
+@pytest.mark.parametrize("rule,gammas,variant", [
+    pytest.param(rule, gammas, variant, id=f"{rule}-{gammas[0]}-{gammas[1]}-{name}")
+    for rule, gammas in [("cfg+sg", (0.25, 0.5)), ("icg", (0.0, 0.5)), ("ag+sg", (0.25, 0.5))]
+    for name, variant in [("jit", jax.jit), ("eager", lambda f: f)]])
+def test_guided_velocity_is_omega_strong_plus_one_minus_omega_weak_of_separate_calls(
+    model, aux_model, rule, gammas, variant):
+  # Strong: v(c; gamma_strong). Weak at gamma_weak: the null class (cfg+sg), a uniformly
+  # drawn class (icg), the auxiliary model (ag+sg). omega = 1: the strong branch alone.
+  x, t, y = batch(model.cfg)
+  (graphdef, state), (aux_graphdef, aux_state) = nnx.split(model), nnx.split(aux_model)
+  seg = segment(model.cfg, *gammas)
+
+  def guided(states, x, t, y, key, omega):  # pure: the models enter as their states
+    aux = nnx.merge(aux_graphdef, states[1]) if rule == "ag+sg" else None
+    return sampling.branch_velocity(nnx.merge(graphdef, states[0]), aux, rule, seg, x, t, y,
+                                    key, omega)
+
+  guided = variant(guided)
+  key = jax.random.key(4)
+  strong, weak, _ = reference_branches(model, aux_model, rule, x, t, y, key, *gammas)
+  assert np.abs(np.asarray(strong - weak)).max() > 1e-2
+  for omega in (1.0, 2.5):
+    chex.assert_trees_all_close(guided((state, aux_state), x, t, y, key, jnp.float32(omega)),
+                                omega * strong + (1 - omega) * weak, rtol=1e-5, atol=1e-5)
 
 
 def test_ag_with_the_main_model_as_auxiliary_is_the_plain_prediction(model):
   x, t, y = batch(model.cfg)
   ag = sampling.Sampler(model, GuidanceConfig("ag", omega=2.5), aux_model=model)
-  np.testing.assert_allclose(ag.velocity(x, t, y, jax.random.key(0)),
-                             branch_velocity(model, "none", 0.0, None), atol=1e-5)
+  plain, _ = forward(model, x, t, y, jax.random.key(0), 0.0)
+  chex.assert_trees_all_close(ag.velocity(x, t, y, jax.random.key(0)), plain, rtol=0,
+                              atol=1e-5)
 
 
-def test_nested_subsets_keep_a_subset_of_the_denser_branchs_tokens(model):
-  # nested=True draws both branches from one key: the sparser branch's kept tokens must be a
-  # subset of the denser branch's.
-  key = jax.random.key(5)
-  (strong,), (weak,) = (model.draw_subsets(key, 8, g) for g in (0.25, 0.75))
-  for s, w in zip(np.asarray(strong.keep), np.asarray(weak.keep)):
-    assert set(w) < set(s)
+def test_nested_sampling_keeps_a_subset_of_the_denser_branchs_tokens(model):
+  # The sampler with nested=True equals the hand-written run whose weak subsets come from the
+  # strong branch's key; in every evaluation of that run the sparser branch's kept tokens
+  # are a proper subset of the denser branch's.
+  g = GuidanceConfig("sg", omega=1.5, gamma_strong=0.25, gamma_weak=0.7)
+  labels = jnp.arange(4)
+  nested, used = reference_trajectory(model, "sg", labels, 5, [(0.25, 0.7)] * 2, 1.5, "euler",
+                                      nested=True)
+  sampled = sampling.Sampler(model, g, steps=2, nested=True)(labels, 5)
+  chex.assert_trees_all_close(sampled, nested, rtol=1e-4, atol=1e-4)
+  assert len(used) == 2
+  for (strong,), (weak,) in used:
+    for s, w in zip(np.asarray(strong.keep), np.asarray(weak.keep)):
+      assert len(w) == 20 and set(w) < set(s)
+  independent, _ = reference_trajectory(model, "sg", labels, 5, [(0.25, 0.7)] * 2, 1.5, "euler")
+  assert np.abs(np.asarray(sampled - independent)).max() > 1e-2
+  # At equal rates nested branches see the same tokens: SG's weak branch is its strong one,
+  # so the guided velocity is the strong prediction whatever omega.
+  x, t, y = batch(model.cfg)
+  strong, _ = forward(model, x, t, y, jax.random.fold_in(jax.random.key(3), 0), 0.5)
+  chex.assert_trees_all_close(branch_velocity(model, "sg", 0.5, 0.5, 2.0, key=3, nested=True),
+                              strong, rtol=0, atol=1e-5)
 
 
 def test_compiled_sampling_loop_flops_match_library_for_each_rule():
@@ -142,17 +239,18 @@ def test_sampling_is_deterministic_and_matches_across_device_counts(model):
   sampler = sampling.Sampler(model, g, steps=2)
   a, b = sampler(labels, 0), sampler(labels, jax.random.key(0))
   c = sampler(labels, 1)
-  assert a.shape == (8, 8, 8, 2) and a.dtype == jnp.float32
-  np.testing.assert_array_equal(a, b)
+  chex.assert_shape(a, (8, 8, 8, 2))
+  chex.assert_type(a, jnp.float32)
+  chex.assert_trees_all_equal(a, b)
   assert np.abs(np.asarray(a - c)).max() > 0.1
   assert sampler._sample._cache_size() == 1  # pylint: disable=protected-access
   mesh = sharding.make_mesh("data")
   sharded = sampling.Sampler(model, g, steps=2, mesh=mesh)(labels, 0)
   assert len(sharded.sharding.device_set) == 8
-  np.testing.assert_allclose(sharded, a, atol=1e-5)
+  chex.assert_trees_all_close(sharded, a, rtol=1e-7, atol=1e-5)
 
 
-def test_cosine_schedule_compiles_bounded_variants_and_reports_mean_step_flops(model):
+def test_cosine_schedule_with_an_interval_samples_each_step_at_its_own_gammas(model):
   g = GuidanceConfig("sg", omega=1.5, schedule="cosine", gamma_strong=0.0,
                      gamma_strong_end=0.5, gamma_weak=0.5, gamma_weak_end=0.9, num_levels=3,
                      interval=(0.0, 0.8))
@@ -167,20 +265,28 @@ def test_cosine_schedule_compiles_bounded_variants_and_reports_mean_step_flops(m
   many = sampling.make_plan(model.cfg, dataclasses.replace(g, num_levels=8), steps=40)
   assert len(many.segments) == many.num_variants == 8
   per_step = [flops.guided_step_flops(model.cfg, g, step=i, steps=steps) for i in range(steps)]
-  assert plan.flops_per_step.true == pytest.approx(np.mean([f.true for f in per_step]))
+  mean_true = np.mean([f.true for f in per_step])
+  assert plan.flops_per_step.true == pytest.approx(mean_true)
   assert plan.flops_per_step.paper == pytest.approx(np.mean([f.paper for f in per_step]))
-  summary = plan.summary()
-  assert summary["gflops_true"] == pytest.approx(plan.flops.true / steps / 1e9)
-  # Run a short one: 2 levels, 3 segments.
-  sampler = sampling.Sampler(model, dataclasses.replace(g, num_levels=2), steps=6)
-  assert [s.shape for s in sampler.plan.segments] == [(64, 32), (32, 7), (32, None)]
-  images = sampler(jnp.arange(4), 0)
-  assert np.all(np.isfinite(np.asarray(images)))
+  assert plan.summary()["gflops_true"] == pytest.approx(mean_true / 1e9)
+  # Run 6 steps at 2 levels: 3 segments, steps [0, 3) and [3, 5) guided, [5] (t = 5/6 > 0.8)
+  # unguided. The sampler equals a per-step Euler loop at each step's gammas; a wrong gamma,
+  # step size or segment boundary at any step breaks it.
+  g, steps = dataclasses.replace(g, num_levels=2, gamma_weak_end=0.7), 6
+  sampler = sampling.Sampler(model, g, steps=steps)
+  assert [s.shape for s in sampler.plan.segments] == [(64, 32), (32, 20), (32, None)]
+  assert [(s.start, s.stop) for s in sampler.plan.segments] == [(0, 3), (3, 5), (5, 6)]
+  step_gammas = [(strong, weak if step / steps <= 0.8 else None) for step, (strong, weak)
+                 in enumerate(zip(cosine_gammas(0.0, 0.5, steps, 2),
+                                  cosine_gammas(0.5, 0.7, steps, 2)))]
+  labels = jnp.arange(4)
+  want, _ = reference_trajectory(model, "sg", labels, 0, step_gammas, 1.5, "euler")
+  chex.assert_trees_all_close(sampler(labels, 0), want, rtol=1e-4, atol=1e-4)
   # The whole trajectory is one program: one fori_loop per segment, compiled once.
   assert sampler._sample._cache_size() == 1  # pylint: disable=protected-access
 
 
-def test_exact_cosine_schedule_runs_every_step_at_its_own_token_counts(model):
+def test_exact_cosine_schedule_plans_every_step_at_its_own_token_counts(model):
   g = GuidanceConfig("sg", omega=1.5, schedule="cosine", gamma_strong=0.0,
                      gamma_strong_end=0.5, gamma_weak=0.5, gamma_weak_end=0.9, num_levels=0)
   steps = 12
@@ -193,18 +299,20 @@ def test_exact_cosine_schedule_runs_every_step_at_its_own_token_counts(model):
   # Consecutive steps share a segment only when both counts agree.
   shapes = [s.shape for s in plan.segments]
   assert all(a != b for a, b in zip(shapes, shapes[1:])) and len(shapes) > 8
-  sampler = sampling.Sampler(model, g, steps=steps)
-  assert sampler.plan == plan
-  assert np.all(np.isfinite(np.asarray(sampler(jnp.arange(4), 0))))
 
 
-def test_heun_doubles_evaluations_and_runs(model):
-  g = GuidanceConfig("cfg", omega=1.5, gamma_strong=0.5, gamma_weak=0.5)
-  images, plan = sampling.sample(model, g, jnp.arange(2), 0, steps=2, solver="heun")
-  assert plan.nfe == 8 and images.shape == (2, 8, 8, 2)
-  assert plan.flops == flops.trajectory_flops(model.cfg, g, steps=2, stages=2)
-  assert plan.flops == 2 * flops.trajectory_flops(model.cfg, g, steps=2)
-  assert np.all(np.isfinite(np.asarray(images)))
+def test_heun_sampling_equals_a_hand_written_heun_loop_over_an_exact_cosine_schedule(model):
+  # CFG with sparse branches (one call vmapped over both), every step at its own rate.
+  g = GuidanceConfig("cfg", omega=2.0, schedule="cosine", gamma_strong=0.0,
+                     gamma_strong_end=0.5, gamma_weak=0.0, gamma_weak_end=0.5, num_levels=0)
+  steps = 3
+  images, plan = sampling.sample(model, g, jnp.arange(4), 1, steps=steps, solver="heun")
+  assert plan.nfe == 2 * 2 * steps and len(plan.segments) == steps
+  assert plan.flops == 2 * flops.trajectory_flops(model.cfg, g, steps=steps)
+  gammas = cosine_gammas(0.0, 0.5, steps, 0)
+  want, _ = reference_trajectory(model, "cfg", jnp.arange(4), 1, list(zip(gammas, gammas)), 2.0,
+                                 "heun")
+  chex.assert_trees_all_close(images, want, rtol=1e-4, atol=1e-4)
 
 
 def test_euler_and_heun_integrate_a_known_velocity():
@@ -231,7 +339,7 @@ def test_euler_with_the_exact_velocity_of_a_point_mass_lands_on_it():
   x1 = jnp.array([0.5, -1.0, 2.0])
   velocity = lambda x, t, step, stage, segment: (x1 - x) / (1 - t)
   out = sampling.integrate(velocity, jnp.zeros(3), steps=7, solver="euler")
-  np.testing.assert_allclose(out, x1, atol=1e-5)
+  chex.assert_trees_all_close(out, x1, rtol=1e-7, atol=1e-5)
 
 
 def test_bad_sampling_inputs_raise(model, aux_model):
