@@ -34,7 +34,7 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
                      " gamma 0) to compare the others with; add --grid='rule=none'.")
   unguided = [slug for slug, row in first.items() if row["rule"] == "none"]
   cfg = next((slug for slug, row in first.items() if row["rule"] == "cfg"), None)
-  spec = paths.read_json(paths.join(compare, base, f"seed{int(min(rows[base]))}",
+  spec = paths.read_json(paths.join(compare, base, f"seed{min(rows[base])}",
                                     "spec.json"))
   table = stats.summary_table(rows, METRICS, names, extra=[
       ("GFLOPs/img/step (true)", lambda row: f"{row['gflops_true']:.4f}"),
@@ -80,7 +80,7 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
       *(f"![{name}](compare/{name})" for name in figures),
       "",
       "Sample grids (seed 0): " + ", ".join(
-          f"[{names[slug]}](compare/{slug}/seed{int(min(rows[slug]))}/grid.png)"
+          f"[{names[slug]}](compare/{slug}/seed{min(rows[slug])}/grid.png)"
           for slug in rows),
       "",
   ]

@@ -226,12 +226,18 @@ def write_table(entries: list[dict], path: str, metrics: list[str]) -> None:
   paths.write_text(path, "\n".join(lines) + "\n")
 
 
-def plot(entries: list[dict], out: str, metric: str) -> list[str]:
-  """FID heatmaps over (gamma_strong, gamma_weak), one panel per omega, per sparse rule; and
-  metric vs GFLOPs with the Pareto front. Returns the files written."""
+def _pyplot():
+  """matplotlib.pyplot on the file-only Agg backend (imported when a sweep plots)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot(entries: list[dict], out: str, metric: str) -> list[str]:
+  """FID heatmaps over (gamma_strong, gamma_weak), one panel per omega, per sparse rule; and
+  metric vs GFLOPs with the Pareto front. Returns the files written."""
+  plt = _pyplot()
   written = []
   for rule in sorted({e["rule"] for e in entries if e["rule"] in ("sg", "cfg+sg", "ag+sg")}):
     chosen = [e for e in entries if e["rule"] == rule and e["schedule"] == "constant"]
@@ -288,9 +294,7 @@ def _family(entry: dict) -> str:
 def plot_front(entries: list[dict], out: str, variety: str, fidelity: str) -> str:
   """Fidelity against variety: one line per guidance family over its omegas (each point
   labelled with omega), the dense unguided setting as a star; 95% intervals on both axes."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for entry in entries:
     if entry["rule"] == "none" and not entry["gamma_strong"]:
@@ -325,9 +329,7 @@ def plot_sparsity(entries: list[dict], out: str, metrics: list[str]) -> str | No
                   key=lambda e: e["gamma_strong"])
   if len(chosen) < 2:
     return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
   fig, axes = plt.subplots(1, len(metrics), figsize=(2.8 * len(metrics), 2.8), squeeze=False)
   for ax, metric in zip(axes[0], metrics):
     ax.errorbar([e["gamma_strong"] for e in chosen], [e[metric] for e in chosen],
