@@ -13,6 +13,13 @@ RUN="${1:-runs/demo}"
 PY=.venv/bin/python
 mkdir -p "$RUN"
 
+# On CPU, one single-threaded XLA device per core (1, 2 or 4; the batches 128 and 500 split
+# evenly), data-parallel: on 2 cores 1.45x the training throughput and 1.75x CFG's sampling
+# throughput of one multi-threaded device. Ignored on a GPU or TPU.
+CORES=$(nproc)
+DEVICES=$(( CORES >= 4 ? 4 : (CORES >= 2 ? 2 : 1) ))
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES --xla_cpu_multi_thread_eigen=false"
+
 SECONDS=0
 $PY -m sgjax.train --config=configs/digits.py --workdir="$RUN/model"
 TRAIN_S=$SECONDS
@@ -20,7 +27,7 @@ TRAIN_S=$SECONDS
 SECONDS=0
 $PY -m sgjax.sweep --workdir="$RUN/model" --out="$RUN/compare" --seeds="${SEEDS:-0,1,2}" \
   --num_samples=1000 --batch_size=500 --steps=20 \
-  --grid='rule=none;gamma_strong=0,0.5,0.75' --grid='rule=cfg;omega=1.5,3' \
+  --grid='rule=none;gamma_strong=0,0.5,0.75' --grid='rule=cfg;omega=1.25,1.5' \
   --grid='rule=sg;omega=2,4;gamma_strong=0;gamma_weak=0.7' \
   --grid='rule=cfg+sg;omega=1.5;gamma_strong=0.2;gamma_weak=0.7'
 SWEEP_S=$SECONDS

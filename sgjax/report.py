@@ -33,15 +33,16 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
     raise ValueError(f"{compare}/sweep.csv has no unguided dense setting (rule=none,"
                      " gamma 0) to compare the others with; add --grid='rule=none'.")
   unguided = [slug for slug, row in first.items() if row["rule"] == "none"]
-  cfg = next((slug for slug, row in first.items() if row["rule"] == "cfg"), None)
+  cfgs = [slug for slug, row in first.items() if row["rule"] == "cfg"]
   spec = paths.read_json(paths.join(compare, base, f"seed{min(rows[base])}",
                                     "spec.json"))
   table = stats.summary_table(rows, METRICS, names, extra=[
       ("GFLOPs/img/step (true)", lambda row: f"{row['gflops_true']:.4f}"),
       ("GFLOPs/img/step (paper)", lambda row: f"{row['gflops_paper']:.4f}")])
   versus_base = stats.paired_table(rows, names, base, PAIRED)
-  versus_cfg = ([] if cfg is None else
-                stats.paired_table(rows, names, cfg, PAIRED, skip=unguided))
+  versus_cfg = [line for cfg in cfgs for line in (
+      f"Against {names[cfg]}:", "", *stats.paired_table(rows, names, cfg, PAIRED,
+                                                        skip=unguided), "")]
   figures = [name for name in ("front_class_accuracy_vs_recall.png", "pareto_fid.png",
                                "sparsity_unguided.png")
              if paths.resolve(paths.join(compare, name)).exists()]
@@ -76,7 +77,7 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
       "",
       *versus_base,
       "",
-      *(["Against CFG:", "", *versus_cfg, ""] if versus_cfg else []),
+      *versus_cfg,
       *(f"![{name}](compare/{name})" for name in figures),
       "",
       "Sample grids (seed 0): " + ", ".join(

@@ -88,15 +88,18 @@ def test_sweep_outputs_and_demo_report_carry_intervals_and_paired_differences(tm
   text = open(report.write_report(str(run), train_seconds=12.0, sweep_seconds=34.0)).read()
   assert "7 class-balanced samples per seed, 9 Euler steps" in text and "3 seeds" in text
   summary, versus_base = text.split("Paired differences")
-  versus_base, versus_cfg = versus_base.split("Against CFG:")
+  versus_base, versus_cfg, versus_cfg3 = versus_base.split("Against cfg omega=")
   # A setting's own interval holds the seeds' spread (sd 2: ± 4.303 * 2 / sqrt(3)) ...
   assert "| sg omega=4 gamma=0/0.7 | 5.400 ± 4.968 | 5.400 ± 4.968 |" in summary
   # ... its paired difference with unguided only its offset: the seeds' effect cancels.
   assert "| sg omega=4 gamma=0/0.7 | " + " | ".join(["0.400 ± 0.000"] * 4) + " |" in versus_base
   assert "| none gamma=0.5 | 0.100 ± 0.000" in versus_base  # sparsity alone, claim (i)
-  # Against the first CFG setting, the unguided settings left out.
+  # Against each CFG setting in turn, the unguided settings left out.
+  assert versus_cfg.startswith("1.5:") and versus_cfg3.startswith("3:")
   assert "| sg omega=4 gamma=0/0.7 | 0.200 ± 0.000" in versus_cfg
   assert "| cfg omega=3 | 0.100 ± 0.000" in versus_cfg and "| none" not in versus_cfg
+  assert "| sg omega=4 gamma=0/0.7 | 0.100 ± 0.000" in versus_cfg3
+  assert "| cfg omega=1.5 | -0.100 ± 0.000" in versus_cfg3 and "| none" not in versus_cfg3
   for name in ("front_class_accuracy_vs_recall.png", "pareto_fid.png", "sparsity_unguided.png"):
     assert f"(compare/{name})" in text
   assert "nan" not in text.lower()
