@@ -11,6 +11,10 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' programs are small and compiled once or twice each, so compiling them dominates:
+# XLA's HLO passes still run (the same fusions, FLOP counts and numerics up to rounding), only
+# LLVM's expensive code-generation passes are skipped. Every process the tests start inherits it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # The tests compile the same small programs many times (each train() call, each training
   # subprocess): one persistent compilation cache for the run, its xdist workers and every
