@@ -5,9 +5,10 @@
     --config=configs/digits.py:runlocal                        (a few seconds, for tests)
 
 8x8 grey digits, patch 1 (64 tokens), a width-64 SiT with 6 blocks routed 1->4 at gamma 0.5
-(TREAD's proportions): on 2 CPU cores the default 750 steps take 5 to 6 minutes and give
-recognisable digits of the requested class (about 90% by the digits classifier, unguided:
-the README's demo table).
+(TREAD's proportions): on an idle 2-core CPU the default 750 steps take 7 minutes as
+launch/local.sh runs them (one single-threaded XLA device per core), 8.5 minutes on one
+device, and give recognisable digits of the requested class (about 90% by the digits
+classifier, unguided: the README's demo table).
 """
 
 import ml_collections
