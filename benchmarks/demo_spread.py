@@ -34,9 +34,8 @@ def scores(compare: str, slug: str, seed: int) -> dict[str, list[dict]]:
 def main(run: str) -> None:
   compare = paths.join(run, "compare")
   rows = stats.read_rows(paths.join(compare, "sweep.csv"))
-  first = {slug: next(iter(by_seed.values())) for slug, by_seed in rows.items()}
-  base = next(slug for slug, row in first.items()
-              if row["rule"] == "none" and not row["gamma_strong"])
+  first = stats.first_rows(rows)
+  base = stats.unguided_base(rows, f"{compare}/sweep.csv")
   got = {slug: {seed: scores(compare, slug, seed) for seed in sorted(by_seed)}
          for slug, by_seed in rows.items()}
   for n in ("N", "N/2"):

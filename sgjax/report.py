@@ -25,13 +25,9 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
   last = json.loads(logs.read_jsonl(paths.join(run, "model", "metrics.jsonl"))[-1])
   compare = paths.join(run, "compare")
   rows = stats.read_rows(paths.join(compare, "sweep.csv"))
-  first = {slug: next(iter(by_seed.values())) for slug, by_seed in rows.items()}
+  first = stats.first_rows(rows)
   names = {slug: sweep.label(row) for slug, row in first.items()}
-  base = next((slug for slug, row in first.items()
-               if row["rule"] == "none" and not row["gamma_strong"]), None)
-  if base is None:
-    raise ValueError(f"{compare}/sweep.csv has no unguided dense setting (rule=none,"
-                     " gamma 0) to compare the others with; add --grid='rule=none'.")
+  base = stats.unguided_base(rows, f"{compare}/sweep.csv")
   unguided = [slug for slug, row in first.items() if row["rule"] == "none"]
   cfgs = [slug for slug, row in first.items() if row["rule"] == "cfg"]
   spec = paths.read_json(paths.join(compare, base, f"seed{min(rows[base])}",

@@ -22,10 +22,9 @@ METRICS = sweep.METRICS["scenes"]
 def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
   config = paths.read_json(paths.join(run, "model", "config.json"))
   rows = stats.read_rows(paths.join(run, "compare", "sweep.csv"))
-  first = {slug: next(iter(by_seed.values())) for slug, by_seed in rows.items()}
+  first = stats.first_rows(rows)
   names = {slug: sweep.label(row) for slug, row in first.items()}
-  base = next(slug for slug, row in first.items()
-              if row["rule"] == "none" and not row["gamma_strong"])
+  base = stats.unguided_base(rows, f"{run}/compare/sweep.csv")
   unguided = [slug for slug, row in first.items() if row["rule"] == "none"]
   cfg = next((slug for slug, row in first.items() if row["rule"] == "cfg"), None)
   seeds = len(rows[base])

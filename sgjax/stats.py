@@ -48,6 +48,21 @@ def read_rows(path: str) -> dict[str, dict[int, dict]]:
   return out
 
 
+def first_rows(rows) -> dict[str, dict]:
+  """{slug: the row of its first seed}: the setting's columns, the same for every seed."""
+  return {slug: next(iter(by_seed.values())) for slug, by_seed in rows.items()}
+
+
+def unguided_base(rows, where: str) -> str:
+  """The slug of the dense unguided setting (rule none, gamma 0) that the others compare with."""
+  base = next((slug for slug, row in first_rows(rows).items()
+               if row["rule"] == "none" and not row["gamma_strong"]), None)
+  if base is None:
+    raise ValueError(f"{where} has no unguided dense setting (rule=none, gamma 0) to compare"
+                     " the others with; add --grid='rule=none'.")
+  return base
+
+
 def differences(rows, slug: str, base: str, metric: str) -> list[float]:
   """slug's metric minus base's, seed by seed, over the seeds both were sampled with."""
   seeds = sorted(set(rows[slug]) & set(rows[base]))
