@@ -26,7 +26,7 @@ TRAIN_S=$SECONDS
 
 SECONDS=0
 $PY -m sgjax.sweep --workdir="$RUN/model" --out="$RUN/compare" --seeds="${SEEDS:-0,1,2}" \
-  --num_samples=1000 --batch_size=500 --steps=20 \
+  --num_samples=1000 --batch_size=500 --steps=10 \
   --grid='rule=none;gamma_strong=0,0.5,0.75' --grid='rule=cfg;omega=1.25,1.5' \
   --grid='rule=sg;omega=2,4;gamma_strong=0;gamma_weak=0.7' \
   --grid='rule=cfg+sg;omega=1.5;gamma_strong=0.2;gamma_weak=0.7'

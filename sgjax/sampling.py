@@ -355,6 +355,11 @@ class Sampler:
     with self._traced_in_mesh():
       return self._sample.lower(self._states, *self._inputs(labels, key))
 
+  def compile(self, labels: jax.Array, key: jax.Array | int) -> None:
+    """Compiles the sampling program for `labels`' batch without running it; later calls with
+    a batch of that shape reuse the executable (jit's cache), so they time sampling alone."""
+    self.lower(labels, key).compile()
+
   def segment(self, step: int) -> Segment:
     for segment in self.plan.segments:
       if segment.start <= step < segment.stop:

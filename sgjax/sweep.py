@@ -127,7 +127,7 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   models = {}
   rows = []
   for setting in settings:
-    sampler, warm = None, False
+    sampler, compiled = None, False
     setting_spec = {**spec, **(aux_spec if setting.uses_aux else {})}
     for seed in seeds:
       folder = paths.join(out, setting.slug, f"seed{seed}")
@@ -140,11 +140,11 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
           sampler = sampling.Sampler(model, setting, steps=steps, aux_model=aux_model,
                                      mesh=mesh)
         sample.sample_to_dir(sampler, folder, num_samples=num_samples, batch_size=batch_size,
-                             labels="balanced", seed=seed, warmup=not warm,
+                             labels="balanced", seed=seed, compile_first=not compiled,
                              info={"workdir": paths.join(workdir), **info},
                              latent_scale=latent_scale, decode=decode, prompts=prompts,
                              encoder=encoder)
-        warm = True
+        compiled = True
         npz.evaluate_npz(paths.join(folder, "samples.npz"), reference, metric,
                          inception_weights, batch_size)
         paths.write_json(paths.join(folder, "spec.json"), setting_spec)

@@ -250,6 +250,25 @@ def test_sampling_is_deterministic_and_matches_across_device_counts(model):
   chex.assert_trees_all_close(sharded, a, rtol=1e-7, atol=1e-5)
 
 
+def test_a_compiled_sampler_samples_without_tracing_or_compiling_again(model):
+  # sample_to_dir times the batches after Sampler.compile: nothing may be left to trace or
+  # compile in the timed calls (a persistent-cache hit would still trace and lower).
+  sampler = sampling.Sampler(model, GuidanceConfig("sg", omega=2.0, gamma_weak=0.5), steps=2)
+  labels = jnp.arange(8) % model.cfg.num_classes
+  other_labels = (labels + 1) % model.cfg.num_classes
+  events = []
+  record = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    sampler.compile(labels, 0)
+    assert "/jax/core/compile/jaxpr_trace_duration" in events
+    events.clear()
+    sampler(other_labels, 1)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)
+  assert not [event for event in events if event.startswith("/jax/core/compile/")], events
+
+
 def test_cosine_schedule_with_an_interval_samples_each_step_at_its_own_gammas(model):
   g = GuidanceConfig("sg", omega=1.5, schedule="cosine", gamma_strong=0.0,
                      gamma_strong_end=0.5, gamma_weak=0.5, gamma_weak_end=0.9, num_levels=3,
