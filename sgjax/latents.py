@@ -57,9 +57,7 @@ def _encode_shard(collection, entries, encode, resolution: int, batch_size: int,
   writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
 
   def flush():
-    batch = np.stack([image for *_, image in pending])
-    padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
-    mean, std = (np.asarray(a)[:len(batch)] for a in encode(padded))
+    mean, std = encode_batch(encode, np.stack([image for *_, image in pending]), batch_size)
     for (index, flipped, label, _), m, s in zip(pending, mean, std):
       writer.write(sources.encode_latent_record(None, label, mean=m, std=s,
                                                 index=np.int64(index), flipped=flipped))
@@ -87,6 +85,15 @@ def _encode_shard(collection, entries, encode, resolution: int, batch_size: int,
   return unreadable
 
 
+def encode_batch(encode, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The VAE posterior (mean, std) of images [n <= batch_size, R, R, 3] in [-1, 1], with
+  `encode` from `vae.batch_codec`: padded to the full batch (one compilation for every batch,
+  the last one too), the padding dropped."""
+  padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(images), 0)])
+  mean, std = (np.asarray(a)[:len(images)] for a in encode(padded))
+  return mean, std
+
+
 class Progress:
   """Logs images done, images/s and the ETA at most every `every_s` seconds."""
 
@@ -109,10 +116,7 @@ def precompute(source: str, vae_dir: str, out: str, *, resolution: int = 256,
                batch_size: int = 64, data_dir: str | None = None, dtype: str = "float32",
                devices=None) -> dict:
   """The `python -m sgjax.latents` command as a function; returns the manifest."""
-  if paths.is_remote(out):
-    raise ValueError(f"--out={out!r}: ArrayRecord shards are written as local files; write"
-                     " them to a local or mounted folder, then copy them to the bucket"
-                     " (`gcloud storage cp -r OUT gs://...`): training reads gs:// shards.")
+  check_local_out(out)
   collection = images_lib.open_images(source, data_dir)
   model = vae_lib.load(vae_dir, dtype)
   if resolution % model.cfg.downsample_factor:
@@ -137,7 +141,7 @@ def precompute(source: str, vae_dir: str, out: str, *, resolution: int = 256,
           "flip": flip, "num_images": num_images, "num_shards": num_shards,
           "shard_size": shard_size, "class_names": list(collection.class_names)}
   os.makedirs(out, exist_ok=True)
-  _check_same_run(out, spec)
+  check_same_run(out, spec)
   mine = range(jax.process_index(), num_shards, jax.process_count())
   todo = [k for k in mine if not os.path.exists(shard_path(out, k, num_shards))]
   if len(todo) < len(mine):
@@ -152,7 +156,16 @@ def precompute(source: str, vae_dir: str, out: str, *, resolution: int = 256,
   return _write_manifest(out, spec)
 
 
-def _check_same_run(out: str, spec: dict) -> None:
+def check_local_out(out: str) -> None:
+  if paths.is_remote(out):
+    raise ValueError(f"--out={out!r}: ArrayRecord shards are written as local files; write"
+                     " them to a local or mounted folder, then copy them to the bucket"
+                     " (`gcloud storage cp -r OUT gs://...`): training reads gs:// shards.")
+
+
+def check_same_run(out: str, spec: dict) -> None:
+  """Refuses an `out` whose spec.json differs from `spec` (naming the fields); writes it when
+  there is none yet (a fresh run)."""
   path = os.path.join(out, "spec.json")
   if os.path.exists(path):
     with open(path) as f:

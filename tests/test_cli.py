@@ -67,7 +67,7 @@ def test_every_entry_point_runs_through_cli():
       assert "cli.run" in calls, path
       entry_points.append(os.path.basename(path))
   for name in ("train.py", "sample.py", "evaluate.py", "sweep.py", "report.py", "latents.py",
-               "plan.py", "bench.py", "import_torch.py", "flops.py"):
+               "text_embed.py", "plan.py", "bench.py", "import_torch.py", "flops.py"):
     assert name in entry_points, name
 
 

@@ -16,7 +16,8 @@
   `mean + std * eps` per example and step (`sgjax.data.pipeline`), or one fixed `latent`
   (float16 or float32 [H, W, C], unscaled). See `encode_latent_record`. Text-to-image records
   hold, besides the latent, the caption's hidden states `text` (float [L, D] from a frozen
-  encoder, padded to L) and its `mask` (bool [L]); `label` is then optional.
+  encoder, padded to L) and its `mask` (bool [L]); `label` is then optional. `python -m
+  sgjax.text_embed` writes them, with the `caption` and its `index` (which training ignores).
 """
 
 from __future__ import annotations
