@@ -117,16 +117,56 @@ def _trdit_forward_flops(cfg, gamma: float | None) -> Flops:
   """`forward_flops` of a TR-DiT (`sgjax.models.trdit`): the text refiner runs on all
   `text_length` tokens, padding included (static shapes), and every block's cross-attention
   projects the whole text to keys and values."""
-  n, w, length, hidden = cfg.num_tokens, cfg.width, cfg.text_length, cfg.mlp_hidden
-  swiglu = lambda tokens: 2 * _linear(tokens, w, hidden) + _linear(tokens, hidden, w)
-  total = (_linear(n, cfg.patch_dim, w) + _linear(1, dit.TIME_FREQUENCIES, w)
-           + _linear(1, w, w) + _linear(1, w, 6 * w) + _linear(length, cfg.text_width, w))
-  for _ in range(cfg.refiner_depth):
-    total += 4 * _linear(length, w, w) + _attention(length, length, w) + swiglu(length)
+  total = _trdit_time_flops(cfg) + _trdit_text_flops(cfg)
   for k in block_tokens(cfg, gamma):
-    total += 4 * _linear(k, w, w) + _attention(k, k, w) + swiglu(k)  # self-attention, SwiGLU
-    total += 2 * _linear(k, w, w) + 2 * _linear(length, w, w) + _attention(k, length, w)
-  return total + _linear(1, w, 2 * w) + _linear(n, w, cfg.patch_dim)
+    total += _trdit_block_flops(cfg, k)
+  return total + _linear(cfg.num_tokens, cfg.width, cfg.patch_dim)
+
+
+def _trdit_time_flops(cfg) -> Flops:
+  """The work on x and t alone: patch embedding, timestep MLP, adaLN-single modulations."""
+  w = cfg.width
+  return (_linear(cfg.num_tokens, cfg.patch_dim, w) + _linear(1, dit.TIME_FREQUENCIES, w)
+          + _linear(1, w, w) + _linear(1, w, 6 * w) + _linear(1, w, 2 * w))
+
+
+def _trdit_text_flops(cfg) -> Flops:
+  """The text's input projection and refiner."""
+  w, length, hidden = cfg.width, cfg.text_length, cfg.mlp_hidden
+  total = _linear(length, cfg.text_width, w)
+  for _ in range(cfg.refiner_depth):
+    total += (4 * _linear(length, w, w) + _attention(length, length, w)
+              + 2 * _linear(length, w, hidden) + _linear(length, hidden, w))
+  return total
+
+
+def _trdit_block_flops(cfg, k: int) -> Flops:
+  """One block on k image tokens: self-attention, cross-attention, SwiGLU."""
+  w, length, hidden = cfg.width, cfg.text_length, cfg.mlp_hidden
+  return (4 * _linear(k, w, w) + _attention(k, k, w)
+          + 2 * _linear(k, w, w) + 2 * _linear(length, w, w) + _attention(k, length, w)
+          + 2 * _linear(k, w, hidden) + _linear(k, hidden, w))
+
+
+def _trdit_shared_flops(cfg, kept: list[int], same_labels: bool) -> Flops:
+  """`shared_branch_flops` of a TR-DiT, whose modulations depend on t alone."""
+  n, w = cfg.num_tokens, cfg.width
+  first = min((route.start for route in cfg.routes), default=cfg.depth)
+  if not same_labels:  # cfg: the null caption. In the vmapped call (equal token counts) the
+    # work on x and t is shared, and so is block 0's self-attention, before the text enters,
+    # unless a route starting at block 0 gives each branch other tokens.
+    if kept[0] != kept[1]:
+      return Flops(0.0, 0.0)
+    shared = _trdit_time_flops(cfg)
+    if first > 0 or kept[0] == n:
+      shared += 4 * _linear(n, w, w) + _attention(n, n, w)
+    return shared
+  if kept == [n, n]:
+    return forward_flops(cfg, 0.0)
+  # sg (`TRDiT.branches`): the text and its keys and values in every block, and the blocks
+  # before the first route.
+  return (_trdit_time_flops(cfg) + _trdit_text_flops(cfg) + first * _trdit_block_flops(cfg, n)
+          + (cfg.depth - first) * 2 * _linear(cfg.text_length, w, w))
 
 
 def report(cfg: dit.DiTConfig, gamma: float | None, name: str = "") -> dict:
@@ -160,15 +200,16 @@ def shared_branch_flops(cfg: dit.DiTConfig, gamma_strong: float, gamma_weak: flo
   same labels (sg) so is the conditioning vector, hence every adaLN modulation and, for
   routing, every block before the first route; if neither branch drops a token, all of it.
   The sampler computes that work once where it evaluates the branches as one call: with the
-  same labels (`DiT.branches`, the packed pass) and at equal token counts (vmapped over the
-  branches, x and t unbatched). Different labels at different token counts take two
-  calls, which share nothing inside the sampling loop. True step FLOPs subtract the shared
-  work; the paper convention (Table 2) counts both branches in full: its `paper` part is 0.
+  same labels (`DiT.branches`, `TRDiT.branches`: the packed pass) and at equal token counts
+  (vmapped over the branches, x and t unbatched). Different labels at different token
+  counts take two calls, which share nothing inside the sampling loop. True step FLOPs
+  subtract the shared work; the paper convention (Table 2) counts both branches in full:
+  its `paper` part is 0.
   """
-  if cfg.text_conditioned:  # TR-DiT evaluates each branch in its own forward pass
-    return Flops(0.0, 0.0)
   n, w = cfg.num_tokens, cfg.width
   kept = [min(block_tokens(cfg, gamma)) for gamma in (gamma_strong, gamma_weak)]
+  if cfg.text_conditioned:
+    return Flops(_trdit_shared_flops(cfg, kept, same_labels).true, 0.0)
   if same_labels and kept == [n, n]:
     return Flops(forward_flops(cfg, 0.0).true, 0.0)
   if not same_labels and kept[0] != kept[1]:

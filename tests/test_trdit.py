@@ -161,6 +161,43 @@ def test_cfg_and_sg_guidance_combine_the_caption_and_null_branches():
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-5)
 
 
+def test_packed_branches_equal_one_forward_per_branch():
+  """SG's packed pass: each branch's tokens attend only within their branch, with their own
+  positions, whatever the other branches keep (here 0.25, 0.75 and none dropped)."""
+  model = perturbed_model(tiny_trdit(depth=5, routes=(Route(1, 3, 0.5),)))
+  x, t, cond = inputs(model.cfg)
+  branch_subsets = [model.draw_subsets(jax.random.key(i), 2, gamma)
+                    for i, gamma in enumerate((0.25, 0.75, 0.0))]
+  separate = [model(x, t, cond, subsets) for subsets in branch_subsets]
+  chex.assert_trees_all_close(model.branches(x, t, cond, branch_subsets), tuple(separate),
+                              rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(separate[0] - separate[1])).max() > 1e-2
+
+
+def test_compiled_sampling_flops_match_the_library_for_each_rule():
+  # As tests/test_sampling.py's DiT test: the library's shared-work accounting (the packed
+  # SG pass; the vmapped CFG call, where block 0's self-attention precedes the text) must be
+  # what the sampling loop computes. Ratios to the unguided loop; abstract models.
+  cfg = tiny_trdit(input_size=16, width=128, depth=6, num_heads=4, mlp_multiple=64,
+                   routes=(Route(1, 4, 0.5),))
+  model = nnx.eval_shape(lambda: trdit.TRDiT(cfg, rngs=nnx.Rngs(0)))
+  _, _, cond = inputs(cfg)
+
+  def costs(guidance):
+    sampler = sampling.Sampler(model, guidance, steps=3)
+    return sampler.lower(cond, 0).compile().cost_analysis()["flops"], sampler.plan.flops.true
+
+  base_compiled, base_library = costs(guidance_lib.GuidanceConfig("none"))
+  for guidance in (guidance_lib.GuidanceConfig("sg", gamma_strong=0.5, gamma_weak=0.9),
+                   guidance_lib.GuidanceConfig("sg", gamma_strong=0.0, gamma_weak=0.5),
+                   guidance_lib.GuidanceConfig("cfg"),
+                   guidance_lib.GuidanceConfig("cfg", gamma_strong=0.5, gamma_weak=0.5),
+                   guidance_lib.GuidanceConfig("cfg+sg", gamma_strong=0.2, gamma_weak=0.7)):
+    compiled, library = costs(guidance)
+    ratio = (compiled / base_compiled) / (library / base_library)
+    assert abs(ratio - 1) < 0.02, (guidance, compiled, library)
+
+
 def test_sampler_takes_captions_and_refuses_labels_and_icg():
   model = perturbed_model(tiny_trdit())
   _, _, cond = inputs(model.cfg)

@@ -264,10 +264,8 @@ class Attention(nnx.Module):
       raise ValueError(f"model.attention='cudnn' runs only on NVIDIA GPUs; this process runs"
                        f" on {jax.default_backend()}. Use model.attention='xla'.")
     q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-    outs = [jax.nn.dot_product_attention(q[:, a:z], k[:, a:z], v[:, a:z],
-                                         implementation=self.implementation)
-            for a, z in _bounds(groups or (n,))]
-    return self.proj(_pack(outs).reshape(b, n, d))
+    out = grouped_attention(q, k, v, groups, self.implementation)
+    return self.proj(out.reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
@@ -332,19 +330,34 @@ def _pack(streams: Sequence[jax.Array]) -> jax.Array:
   return streams[0] if len(streams) == 1 else jnp.concatenate(streams, axis=1)
 
 
-def run_packed(fn, streams: Sequence[jax.Array]) -> list[jax.Array]:
-  """Applies a token-wise layer `fn(x, groups)` to several token streams [B, n_i, D] at once.
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: Groups,
+                      implementation: str) -> jax.Array:
+  """Self-attention of q, k, v [B, N, heads, Dh] within each group of `groups` (token counts
+  summing to N: packed sequences, see `run_packed`), or over all N tokens (None)."""
+  outs = [jax.nn.dot_product_attention(q[:, a:z], k[:, a:z], v[:, a:z],
+                                       implementation=implementation)
+          for a, z in _bounds(groups or (q.shape[1],))]
+  return _pack(outs)
+
+
+def run_packed(fn, streams: Sequence[jax.Array], *aligned: Sequence[jax.Array]
+               ) -> list[jax.Array]:
+  """Applies a token-wise layer `fn(x, groups, *aligned)` to several token streams
+  [B, n_i, D] at once.
 
   The streams are packed along the token axis into one [B, sum(n_i), D] array, so every
   linear layer is one larger matmul, and `groups` keeps attention within each stream.
   Streams that are the same array (branches before they diverge) are computed once.
+  `aligned`: lists of per-stream arrays [B, n_i, ...] that go with the tokens (e.g. their
+  grid positions), packed the same way.
   """
-  distinct = list({id(h): h for h in streams}.values())
-  groups = tuple(h.shape[1] for h in distinct)
-  out = fn(_pack(distinct), groups)
-  if len(distinct) == 1:
+  firsts = [i for i, h in enumerate(streams) if not any(h is g for g in streams[:i])]
+  groups = tuple(streams[i].shape[1] for i in firsts)
+  out = fn(_pack([streams[i] for i in firsts]), groups,
+           *(_pack([per_stream[i] for i in firsts]) for per_stream in aligned))
+  if len(firsts) == 1:
     return [out] * len(streams)
-  by_id = {id(h): out[:, a:z] for h, (a, z) in zip(distinct, _bounds(groups))}
+  by_id = {id(streams[i]): out[:, a:z] for i, (a, z) in zip(firsts, _bounds(groups))}
   return [by_id[id(h)] for h in streams]
 
 

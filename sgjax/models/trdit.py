@@ -163,7 +163,8 @@ class Attention(nnx.Module):
     self.k_norm = nnx.RMSNorm(head_dim, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, angles: jax.Array | None = None,
-               context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+               context: jax.Array | None = None, mask: jax.Array | None = None,
+               groups: dit.Groups = None) -> jax.Array:
     b, n, d = x.shape
     source = x if context is None else context
 
@@ -177,10 +178,11 @@ class Attention(nnx.Module):
     v = heads(self.v(source))
     if angles is not None:
       q, k = apply_rope(q, angles), apply_rope(k, angles)
-    if mask is not None:
-      mask = mask[:, None, None, :]  # [B, heads, queries, keys]
-    implementation = self.implementation if mask is None else "xla"
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if mask is None:  # image self-attention, within each packed sequence (`dit.run_packed`)
+      out = dit.grouped_attention(q, k, v, groups, self.implementation)
+    else:  # keys under the text's padding mask (the refiner, cross-attention)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
+                                         implementation="xla")
     return self.proj(out.reshape(b, n, d))
 
 
@@ -225,11 +227,13 @@ class Block(nnx.Module):
     self.table = nnx.Param(jnp.zeros((6, w), jnp.float32), **axes_metadata(None, "embed"))
 
   def __call__(self, x: jax.Array, modulation: jax.Array, angles: jax.Array,
-               text: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [B, N, D], modulation [B, 6, D], angles [B, N, Dh / 2], text [B, L, D], mask [B, L]."""
+               text: jax.Array, mask: jax.Array, groups: dit.Groups = None) -> jax.Array:
+    """x [B, N, D], modulation [B, 6, D], angles [B, N, Dh / 2], text [B, L, D], mask [B, L];
+    `groups`: x packs several sequences of image tokens (see `dit.Block`)."""
     x = sharding.constrain(x, sharding.BATCH_AXES, None, None)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.unstack(modulation + self.table, axis=1)
-    attended = self.attn(dit.modulate(self.norm1(x), shift1, scale1), angles=angles)
+    attended = self.attn(dit.modulate(self.norm1(x), shift1, scale1), angles=angles,
+                         groups=groups)
     x = x + gate1[:, None] * attended.astype(x.dtype)
     x = x + self.cross(self.norm_cross(x), context=text, mask=mask).astype(x.dtype)
     return x + gate2[:, None] * self.mlp(dit.modulate(self.norm2(x), shift2, scale2)).astype(
@@ -295,6 +299,18 @@ class TRDiT(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, cond: Condition,
                subsets: Sequence[TokenSubset | None] = ()) -> jax.Array:
+    return self.branches(x, t, cond, (subsets,))[0]
+
+  def branches(self, x: jax.Array, t: jax.Array, cond: Condition,
+               branch_subsets: Sequence[Sequence[TokenSubset | None]]) -> tuple[jax.Array, ...]:
+    """The velocities of several sparsity branches at the same x, t and text, in one pass.
+
+    As `dit.DiT.branches`: the branches' image tokens are packed along the token axis (each
+    with its grid position), self-attention stays within each branch, cross-attention reads
+    the one refined text, and the work the branches share (embeddings, modulations, the text
+    refiner, the text's keys and values in every block, blocks before the first route) is
+    done once. Equals calling the model once per branch.
+    """
     cfg = self.cfg
     h = self.patch_embed(dit.patchify(x, cfg.patch_size)).astype(jnp.float32)
     c = self.t_mlp2(jax.nn.silu(self.t_mlp1(dit.timestep_embedding(t, cfg.time_scale))))
@@ -303,35 +319,39 @@ class TRDiT(nnx.Module):
     text, mask = self.encode_text(cond)
     positions = jnp.broadcast_to(grid_positions(cfg.grid_size), (h.shape[0], cfg.num_tokens, 2))
 
-    def run(block, h, positions):
-      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-      fn = lambda block, *args: block(*args)
-      if cfg.remat != "none":
-        fn = nnx.remat(fn, policy=dit.REMAT_POLICIES[cfg.remat])
-      return fn(block, h, modulation, angles, text, mask)
+    def layer(block):  # a layer for `dit.run_packed`
 
+      def run(h, groups, positions):
+        angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        fn = lambda block, *args: block(*args, groups)
+        if cfg.remat != "none":
+          fn = nnx.remat(fn, policy=dit.REMAT_POLICIES[cfg.remat])
+        return fn(block, h, modulation, angles, text, mask)
+
+      return run
+
+    streams = [h] * len(branch_subsets)
+    stream_positions = [positions] * len(branch_subsets)
     by_start = {route.start: r for r, route in enumerate(cfg.routes)}
     i = 0
     while i < cfg.depth:
       r = by_start.get(i)
-      subset = subsets[r] if subsets and r is not None else None
-      if subset is None:
-        h = run(self.blocks[i], h, positions)
+      subsets = [s[r] if s and r is not None else None for s in branch_subsets]
+      if all(subset is None for subset in subsets):
+        streams = dit.run_packed(layer(self.blocks[i]), streams, stream_positions)
         i += 1
         continue
-      # The route's blocks see the kept image tokens with their own grid positions.
-      kept = sparsity.gather(h, subset.keep)
-      kept_positions = sparsity.gather(positions, subset.keep)
+      # The route's blocks see each branch's kept image tokens with their own grid positions.
+      kept = [h if s is None else sparsity.gather(h, s.keep) for h, s in zip(streams, subsets)]
+      kept_positions = [p if s is None else sparsity.gather(p, s.keep)
+                        for p, s in zip(stream_positions, subsets)]
       for j in range(cfg.routes[r].start, cfg.routes[r].end + 1):
-        kept = run(self.blocks[j], kept, kept_positions)
-      h = sparsity.merge(kept, sparsity.gather(h, subset.drop), subset)
+        kept = dit.run_packed(layer(self.blocks[j]), kept, kept_positions)
+      streams = [k if s is None else sparsity.merge(k, sparsity.gather(h, s.drop), s)
+                 for h, k, s in zip(streams, kept, subsets)]
       i = cfg.routes[r].end + 1
     shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2, -1)
-    out = self.final(dit.modulate(self.final_norm(h), shift, scale))
-    return dit.unpatchify(out.astype(jnp.float32), cfg.patch_size, cfg.in_channels)
-
-  def branches(self, x: jax.Array, t: jax.Array, cond: Condition,
-               branch_subsets: Sequence[Sequence[TokenSubset | None]]) -> tuple[jax.Array, ...]:
-    """The velocities of several sparsity branches at the same x, t and text: one forward
-    pass each, inside the caller's program (no token packing, unlike `DiT.branches`)."""
-    return tuple(self(x, t, cond, subsets) for subsets in branch_subsets)
+    outs = dit.run_packed(
+        lambda h, _: self.final(dit.modulate(self.final_norm(h), shift, scale)), streams)
+    return tuple(dit.unpatchify(out.astype(jnp.float32), cfg.patch_size, cfg.in_channels)
+                 for out in outs)
