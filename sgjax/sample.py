@@ -288,13 +288,14 @@ def sample_to_dir(sampler: sampling.Sampler, out: str, *, num_samples: int, batc
 def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=None,
         ema=True, aux_workdir=None, aux_step=None, steps=40, solver="euler", nested=False,
         num_samples=64, batch_size=64, labels="balanced", seed=0, vae=None,
-        save_latents=False, prompts: list[str] | None = None) -> dict:
+        save_latents=False, prompts: list[str] | None = None,
+        text_npz: str | None = None) -> dict:
   """The `python -m sgjax.sample` command as a function."""
   check_sample_counts(num_samples, batch_size)
   mesh = sampling_mesh(batch_size)
   model, aux_model, config, steps_info = load_models(
       workdir, guidance, mesh, step=step, ema=ema, aux_workdir=aux_workdir, aux_step=aux_step)
-  encoder = text_encoder(config, model.cfg, prompts)
+  encoder, prompts = text_encoder(config, model.cfg, prompts, text_npz)
   sampler = sampling.Sampler(model, guidance, steps=steps, solver=solver,
                              aux_model=aux_model, mesh=mesh, nested=nested)
   info = {"workdir": paths.join(workdir), "ema": ema, "nested": nested,
@@ -308,23 +309,38 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
                        encoder=encoder)
 
 
-def text_encoder(config: dict, model_cfg, prompts: list[str] | None):
-  """The frozen encoder of a text-to-image run (None for class-conditional runs), after
-  checking that prompts are given exactly when the run takes them."""
+def text_encoder(config: dict, model_cfg, prompts: list[str] | None,
+                 text_npz: str | None = None):
+  """(the frozen encoder of a text-to-image run, its prompts); (None, None) for a
+  class-conditional run. Checks that prompts are given exactly when the run takes them. A run
+  trained on precomputed text takes its prompts' hidden states from `text_npz` (text, mask,
+  captions: launch/embed_captions_hf.py writes them); its captions are the prompts unless
+  `prompts` picks some of them."""
   if not model_cfg.text_conditioned:
-    if prompts is not None:
-      raise ValueError("--prompt/--prompts_file: this run is class-conditional (model.arch="
-                       "'dit'); choose classes with --labels instead.")
-    return None
+    if prompts is not None or text_npz is not None:
+      raise ValueError("--prompt/--prompts_file/--text_npz: this run is class-conditional"
+                       " (model.arch='dit'); choose classes with --labels instead.")
+    return None, None
+  encoder = conditioning.make_encoder(config["text"], model_cfg)
+  if encoder is None:  # trained on precomputed text
+    if text_npz is None:
+      raise ValueError("this run trained on precomputed text hidden states (text.encoder="
+                       "'precomputed'): give the prompts' hidden states from the same encoder"
+                       " with --text_npz=FILE (launch/embed_captions_hf.py writes it).")
+    where = f"--text_npz={text_npz!r}"
+    encoder = conditioning.load_hidden_states(text_npz, where)
+    conditioning.check_batch({"text": encoder.text, "mask": encoder.mask}, model_cfg, where)
+    prompts = list(encoder.captions) if prompts is None else prompts
+    encoder.rows(prompts, where)  # refuses prompts without hidden states up front
+    return encoder, prompts
+  if text_npz is not None:
+    raise ValueError(f"--text_npz: this run encodes its prompts with the built-in"
+                     f" {config['text']['encoder']!r} encoder; give --prompt or --prompts_file.")
   if prompts is None:
     raise ValueError("this run is text-to-image (model.arch='trdit'): give --prompt=CAPTION"
                      " (repeatable) or --prompts_file=FILE.")
-  encoder = conditioning.make_encoder(config["text"], model_cfg)
-  if encoder is None:
-    raise ValueError("this run trained on precomputed text hidden states (text.encoder="
-                     "'precomputed'); sampling from prompts needs the encoder that made them.")
   encoder.tokenize(prompts)  # refuses unknown words and over-long captions up front
-  return encoder
+  return encoder, prompts
 
 
 def define_flags() -> None:
@@ -345,6 +361,8 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("prompt", None, "Text-to-image runs: a caption (repeatable).")
   flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a file of captions, one a"
                       " line.")
+  flags.DEFINE_string("text_npz", None, "Runs trained on precomputed text: the prompts' hidden"
+                      " states (text, mask, captions; launch/embed_captions_hf.py).")
   flags.DEFINE_integer("seed", 0, "Sample seed.")
   flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples/<setting>, e.g."
                       " samples/sg-w2-gs0.5-gw0.9).")
@@ -365,7 +383,8 @@ def main(argv):
       aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step, steps=FLAGS.steps,
       solver=FLAGS.solver, nested=FLAGS.nested, num_samples=FLAGS.num_samples,
       batch_size=FLAGS.batch_size, labels=FLAGS.labels, seed=FLAGS.seed, vae=FLAGS.vae,
-      save_latents=FLAGS.save_latents, prompts=read_prompts(FLAGS.prompt, FLAGS.prompts_file))
+      save_latents=FLAGS.save_latents, prompts=read_prompts(FLAGS.prompt, FLAGS.prompts_file),
+      text_npz=FLAGS.text_npz)
 
 
 if __name__ == "__main__":

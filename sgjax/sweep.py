@@ -81,14 +81,16 @@ def _done(folder: str, spec: dict) -> bool:
 def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: str, *,
               seeds=(0,), metric="digits", reference=None, inception_weights=None,
               steps=40, num_samples=500, batch_size=256, step=None, aux_workdir=None,
-              aux_step=None, vae=None, prompts: list[str] | None = None) -> list[dict]:
+              aux_step=None, vae=None, prompts: list[str] | None = None,
+              text_npz: str | None = None) -> list[dict]:
   """Samples + evaluates every setting and seed (reusing finished ones); one row each.
 
   Everything is checked before the first sample: the grid, the metric's files, the auxiliary
   model of ag rules and the checkpoints. A text-to-image run samples `prompts` (sample i
-  takes prompt i mod P) instead of class-balanced labels. A folder is reused only when it
-  was made from the same checkpoints with the same steps, sample count, batch size, metric,
-  reference and prompts.
+  takes prompt i mod P) instead of class-balanced labels; one trained on precomputed text
+  takes their hidden states from `text_npz` (`sample.text_encoder`). A folder is reused
+  only when it was made from the same checkpoints with the same steps, sample count, batch
+  size, metric, reference and prompts.
   """
   if not settings:
     raise ValueError("the grid holds no valid setting (the log says why each combination was"
@@ -108,12 +110,14 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
                      " decoder before any metric; pass --vae=DIR (or train with"
                      " --config.data.vae=DIR).")
   model_cfg = config_lib.model_config(config["model"])
-  encoder = sample.text_encoder(config, model_cfg, prompts)
+  encoder, prompts = sample.text_encoder(config, model_cfg, prompts, text_npz)
   spec = {"workdir": paths.join(workdir), "step": step, "steps": steps,
           "num_samples": num_samples, "batch_size": batch_size, "metric": metric,
           "reference": reference and paths.join(reference)}
   if prompts is not None:
     spec["prompts"] = prompts
+  if text_npz is not None:
+    spec["text_npz"] = paths.join(text_npz)
   if latent_scale is not None:  # the decoder is part of what made the images
     spec["vae"] = paths.join(vae or config["data"]["vae"])
   aux_spec, aux_cfg = {}, None
@@ -384,6 +388,8 @@ def define_flags() -> None:
   flags.DEFINE_string("prompts_file", None, "Text-to-image runs: captions, one a line (default"
                       " with --metric=scenes: num_samples / 4 random scene captions, 4 samples"
                       " each).")
+  flags.DEFINE_string("text_npz", None, "Runs trained on precomputed text: the prompts' hidden"
+                      " states (text, mask, captions; launch/embed_captions_hf.py).")
 
 
 def main(argv):
@@ -400,7 +406,7 @@ def main(argv):
                    inception_weights=FLAGS.inception_weights, steps=FLAGS.steps,
                    num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
                    step=FLAGS.step, aux_workdir=FLAGS.aux_workdir, aux_step=FLAGS.aux_step,
-                   vae=FLAGS.vae, prompts=prompts)
+                   vae=FLAGS.vae, prompts=prompts, text_npz=FLAGS.text_npz)
   write_outputs(rows, out, METRICS[FLAGS.metric], FRONTS[FLAGS.metric])
   print(paths.read_text(paths.join(out, "sweep.md")))
 

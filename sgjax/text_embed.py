@@ -8,8 +8,9 @@
         --config=configs/t2i.py --vae=/models/sd-vae-ft-ema --out=/data/cc_t2i
     # then train on them
     python -m sgjax.train --config=configs/t2i.py:model=demo --workdir=runs/t2i \
-        --config.data.source=latents --config.data.path='/data/scenes_t2i/train-*.array_record' \
+        --config.data.source=records --config.data.path='/data/scenes_t2i/train-*.array_record' \
         --config.text.encoder=precomputed
+  (data.source=latents for VAE records, with data.vae and data.latent_scale of the VAE)
 
 `--captions` is JSON Lines, one object a line: {"image": PATH, "caption": STR} and an
 optional integer "label" (on every line or none); PATH is relative to the captions file's
@@ -38,7 +39,7 @@ Images: with `--vae` (a diffusers AutoencoderKL folder) they go through ADM's ce
 `--resolution` and are encoded to the VAE posterior `mean` and `std`, as `sgjax.latents`
 does (train with data.latent_scale = the VAE's scaling factor, data.vae = the folder);
 without, they are stored in pixel space as a fixed `latent` float16 [R, R, 3] in [-1, 1]
-(exact for 8-bit pixels; train with data.latent_scale=1, as the scenes demo does).
+(exact for 8-bit pixels; train with data.source=records, which samples to images).
 `--resolution` defaults to the config's model.input_size (times the VAE's downsampling).
 
 Each record (`sgjax.data.sources.encode_latent_record`) holds the latent (or mean and std),
@@ -156,38 +157,15 @@ def _words_text(config, entries: list[Caption], batch_size: int):
 def _npz_text(file: str, entries: list[Caption], model_cfg, text_dtype: str):
   """Hidden states of an external encoder: (text_fn, spec), every array checked."""
   where = f"--encoder=npz:{file}"
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{where}: no such file.")
-  try:
-    data = np.load(file)
-    missing = sorted({"text", "mask", "captions"} - set(data.files))
-  except Exception as e:  # numpy raises assorted types for a file that is no .npz
-    raise ValueError(f"{where} is not an .npz file ({type(e).__name__}: {e}).") from None
-  if missing:
-    raise ValueError(f"{where} lacks {missing} (it has {sorted(data.files)}): write text"
-                     " [N, L, D], mask [N, L] and captions [N] (see the docstring of"
-                     " sgjax/text_embed.py).")
-  try:
-    captions = data["captions"]
-  except ValueError:  # an object array: needs pickle
-    raise ValueError(f"{where}: captions is an object array; save it as"
-                     " np.array(captions, dtype=str).") from None
-  text, mask = data["text"], data["mask"]
-  if text.ndim != 3 or not np.issubdtype(text.dtype, np.floating):
-    raise ValueError(f"{where}: text is {text.dtype} {text.shape}; expected float [N, L, D].")
-  if mask.shape != text.shape[:2] or mask.dtype != bool:
-    raise ValueError(f"{where}: mask is {mask.dtype} {mask.shape}; expected bool"
-                     f" {text.shape[:2]} (N, L of text).")
-  if captions.shape != (len(text),) or captions.dtype.kind != "U":
-    raise ValueError(f"{where}: captions is {captions.dtype} {captions.shape}; expected str"
-                     f" ({len(text)},), one per row of text.")
+  hidden = conditioning.load_hidden_states(file, where)
+  text, mask, captions = hidden.text, hidden.mask, hidden.captions
   if len(text) != len(entries):
     raise ValueError(f"{where} holds {len(text)} rows for the {len(entries)} captions of"
                      " --captions: encode exactly the captions file's captions, in order.")
   differ = [i for i, e in enumerate(entries) if captions[i] != e.caption]
   if differ:
     i = differ[0]
-    raise ValueError(f"{where}: row {i} is the caption {str(captions[i])!r}, but --captions"
+    raise ValueError(f"{where}: row {i} is the caption {captions[i]!r}, but --captions"
                      f" line {entries[i].line} says {entries[i].caption!r} ({len(differ)}"
                      " rows differ): encode the captions file's captions, in order.")
   length, width = text.shape[1:]
@@ -196,13 +174,6 @@ def _npz_text(file: str, entries: list[Caption], model_cfg, text_dtype: str):
     raise ValueError(f"{where}: hidden states of length {length} and width {width}, but the"
                      f" config has model.text_length={model_cfg.text_length} and"
                      f" model.text_width={model_cfg.text_width}: set them to the encoder's.")
-  empty = np.flatnonzero(~mask.any(1))
-  if len(empty):
-    raise ValueError(f"{where}: mask row {empty[0]} (--captions line"
-                     f" {entries[empty[0]].line}) is all False, which the model reads as the"
-                     " null caption; every caption needs at least one token.")
-  if not np.isfinite(text).all():
-    raise ValueError(f"{where}: text holds NaN or inf.")
   limit = np.finfo(text_dtype).max
   if np.abs(text).max() > limit:
     raise ValueError(f"{where}: text reaches {np.abs(text).max():.4g}, beyond {text_dtype}'s"
@@ -230,7 +201,7 @@ def _image_spec(config, vae_cfg, resolution: int | None) -> dict:
                        f"{resolution // factor} {space}, but the config's model.input_size is"
                        f" {model.input_size}: use --resolution={model.input_size * factor}.")
     scale = vae_cfg.scaling_factor if vae_cfg else 1.0
-    if abs(config.data.latent_scale - scale) > 1e-9:
+    if vae_cfg and abs(config.data.latent_scale - scale) > 1e-9:
       raise ValueError(f"the config's data.latent_scale={config.data.latent_scale}, but"
                        f" records of {space} train at {scale}: pass"
                        f" --config.data.latent_scale={scale} (here and to sgjax.train).")

@@ -6,13 +6,15 @@ import os
 import types
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import t2i
-from sgjax import config as config_lib, text_embed, train
+from sgjax import checkpoint, config as config_lib, guidance as guidance_lib, sample, sampling
+from sgjax import text_embed, train
 from sgjax.data import images as images_lib
 from sgjax.data import scenes, sources
 from sgjax.models import vae as vae_lib
@@ -62,7 +64,7 @@ def hidden_states(captions, seed=0):
           "mask": mask, "captions": np.array(captions, dtype=str)}
 
 
-def test_word_encoder_records_read_back_exactly_and_train(tmp_path):
+def test_word_encoder_records_read_back_exactly_train_and_sample_from_an_npz(tmp_path):
   captions_file, captions, pixels = write_dataset(tmp_path)
   config = t2i.get_config(CONFIG_ARG)
   out = str(tmp_path / "out")
@@ -82,12 +84,43 @@ def test_word_encoder_records_read_back_exactly_and_train(tmp_path):
   assert records["caption"] == captions and list(records["index"]) == list(range(NUM))
   assert "label" not in records
 
-  config.data.update(source="latents", path=os.path.join(out, "train-*.array_record"))
+  config.data.update(source="records", path=os.path.join(out, "train-*.array_record"))
   config.text.encoder = "precomputed"
   config.train.update(steps=2, ckpt_every=2, batch_size=8)
   metrics = train.train(config, str(tmp_path / "run"))
   assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
   assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+  # Sampling the precomputed-text run: the prompts' hidden states come from an npz.
+  prompts = captions[3:5]
+  np.savez(tmp_path / "prompts.npz", captions=np.array(prompts, dtype=str),
+           text=np.asarray(expected["text"])[3:5], mask=np.asarray(expected["mask"])[3:5])
+  hidden = conditioning.load_hidden_states(str(tmp_path / "prompts.npz"), "prompts.npz")
+  chex.assert_trees_all_equal(  # each prompt's own row (a 2-step model barely reads text)
+      conditioning.encode_captions(hidden, [prompts[1], prompts[0], prompts[0]]),
+      {"text": np.asarray(expected["text"], np.float32)[[4, 3, 3]],
+       "mask": np.asarray(expected["mask"])[[4, 3, 3]]})
+  guidance = guidance_lib.GuidanceConfig("sg", omega=2.0, gamma_weak=0.5)
+  summary = sample.run(str(tmp_path / "run"), guidance, str(tmp_path / "samples"), steps=2,
+                       num_samples=8, batch_size=8, text_npz=str(tmp_path / "prompts.npz"))
+  assert summary["labels"] == "2 prompts"
+  with np.load(tmp_path / "samples" / "samples.npz") as data:
+    assert list(data["arr_1"]) == prompts * 4
+    images = data["arr_0"]
+  mesh = sample.sampling_mesh(8)
+  model, _, _ = checkpoint.load_model(str(tmp_path / "run"), None, True, mesh)
+  rows = np.array([3, 4] * 4)
+  cond = {"text": jnp.asarray(expected["text"])[rows], "mask": jnp.asarray(expected["mask"])[rows]}
+  by_hand = sampling.Sampler(model, guidance, steps=2, mesh=mesh)(
+      cond, jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), 0))
+  chex.assert_trees_all_equal(images, sources.to_uint8(np.asarray(by_hand)))
+  for kwargs, message in (({}, "give the prompts' hidden states .* --text_npz"),
+                          ({"prompts": ["a red 3 above a red 4"]}, "no hidden states for the"
+                           " prompt 'a red 3 above a red 4'")):
+    with pytest.raises(ValueError, match=message):
+      sample.run(str(tmp_path / "run"), guidance, str(tmp_path / "bad"), steps=2,
+                 num_samples=8, batch_size=8,
+                 **({"text_npz": str(tmp_path / "prompts.npz")} if kwargs else {}), **kwargs)
 
 
 def test_npz_hidden_states_are_packed_exactly_through_the_command(tmp_path):
@@ -165,9 +198,9 @@ BAD_INPUTS = {
     "npz width": (lambda d: _npz(d, text=np.zeros((NUM, 8, 12), np.float32)),
                   r"width 12, but the config has .*model.text_width=16"),
     "npz empty mask": (lambda d: _npz(d, mask=np.arange(8) < np.arange(NUM)[:, None]),
-                       r"mask row 0 \(--captions line 1\) is all False"),
+                       "mask row 0 is all False"),
     "npz captions pickled": (lambda d: _npz(d, captions=np.array(d.captions, dtype=object)),
-                             "captions is an object array"),
+                             "not an .npz of plain arrays"),
     "channels": (lambda d: d.config.model.update(in_channels=4) or {},
                  "model.in_channels=4, but the records would hold pixels"),
     "resolution": (lambda d: {"resolution": 32}, "--resolution=32 .*use --resolution=16"),

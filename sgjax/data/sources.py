@@ -18,6 +18,8 @@
   hold, besides the latent, the caption's hidden states `text` (float [L, D] from a frozen
   encoder, padded to L) and its `mask` (bool [L]); `label` is then optional. `python -m
   sgjax.text_embed` writes them, with the `caption` and its `index` (which training ignores).
+- `records`: the `latents` schema with a fixed `latent` that holds pixels in [-1, 1] (scale
+  1, nothing to decode): `python -m sgjax.text_embed` without a VAE writes these.
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ def make_source(data_cfg, split: str = "train", model_cfg=None):
     return TfdsSource(data_cfg.name, split, data_cfg.get("data_dir"), data_cfg.image_size)
   if kind == "latents":
     return LatentSource(data_cfg.path, data_cfg.latent_scale)
+  if kind == "records":  # the latents schema holding pixels
+    return LatentSource(data_cfg.path, 1.0)
   if kind == "scenes":  # captioned digit scenes (text-to-image demo)
     from sgjax.data import scenes  # pylint: disable=g-import-not-at-top
     return scenes.SceneSource(split, data_cfg.size, 0)
@@ -192,4 +196,4 @@ def make_source(data_cfg, split: str = "train", model_cfg=None):
     return SyntheticSource(10_000, model_cfg.input_size, model_cfg.in_channels,
                            model_cfg.num_classes)
   raise ValueError(f"data.source={kind!r}: choose one of 'digits', 'tfds', 'latents',"
-                   " 'scenes', 'synthetic'.")
+                   " 'records', 'scenes', 'synthetic'.")

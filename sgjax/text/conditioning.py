@@ -5,13 +5,20 @@ config.text.encoder:
 - "words": the built-in tiny frozen encoder (`sgjax.text.words`) over the space-separated
   words of config.text.vocabulary; captions become token ids in the input pipeline and are
   encoded inside the jitted train step.
-- "precomputed": the data records already hold the hidden states ("text") and their mask.
+- "precomputed": the data records already hold the hidden states ("text") and their mask
+  (`python -m sgjax.text_embed`); sampling takes the prompts' hidden states from an .npz of the
+  same encoder (`PrecomputedText`, e.g. written by launch/embed_captions_hf.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sgjax import paths
 
 from sgjax.text import words
 
@@ -48,8 +55,66 @@ def condition_fn(encoder: words.WordEncoder | None):
   return condition
 
 
-def encode_captions(encoder: words.WordEncoder, captions) -> dict[str, jax.Array]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class PrecomputedText:
+  """Captions and the hidden states an external encoder gave them: `text` [P, L, D] float,
+  `mask` [P, L] bool (True on real tokens), `captions` [P] str."""
+
+  captions: tuple[str, ...]
+  text: np.ndarray
+  mask: np.ndarray
+
+  def rows(self, captions, where: str) -> np.ndarray:
+    """The row of each caption; refuses captions the file does not hold."""
+    index = {caption: row for row, caption in enumerate(self.captions)}
+    missing = [c for c in captions if c not in index]
+    if missing:
+      raise ValueError(f"{where} holds no hidden states for the prompt {missing[0]!r}"
+                       f" ({len(missing)} missing): encode every prompt with the run's encoder"
+                       " (launch/embed_captions_hf.py).")
+    return np.array([index[c] for c in captions], np.int64)
+
+
+def load_hidden_states(path: str, where: str) -> PrecomputedText:
+  """An .npz of `text`, `mask` and `captions` (no pickled objects), checked: shapes agree,
+  every mask row holds a token (an all-False row is the null caption), text is finite."""
+  try:
+    with paths.resolve(path).open("rb") as f:
+      data = dict(np.load(f))
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{where}: no such file.") from None
+  except ValueError as e:  # an object array (needs pickle) or a file that is no .npz
+    raise ValueError(f"{where} is not an .npz of plain arrays ({e}); save captions as"
+                     " np.array(captions, dtype=str).") from None
+  missing = sorted({"text", "mask", "captions"} - set(data))
+  if missing:
+    raise ValueError(f"{where} lacks {missing} (it has {sorted(data)}): write text [N, L, D],"
+                     " mask [N, L] and captions [N] (see launch/embed_captions_hf.py).")
+  text, mask, captions = data["text"], data["mask"], data["captions"]
+  if text.ndim != 3 or not np.issubdtype(text.dtype, np.floating):
+    raise ValueError(f"{where}: text is {text.dtype} {text.shape}; expected float [N, L, D].")
+  if mask.shape != text.shape[:2] or mask.dtype != bool:
+    raise ValueError(f"{where}: mask is {mask.dtype} {mask.shape}; expected bool"
+                     f" {text.shape[:2]} (N, L of text).")
+  if captions.shape != (len(text),) or captions.dtype.kind != "U":
+    raise ValueError(f"{where}: captions is {captions.dtype} {captions.shape}; expected str"
+                     f" ({len(text)},), one per row of text.")
+  empty = np.flatnonzero(~mask.any(1))
+  if len(empty):
+    raise ValueError(f"{where}: mask row {empty[0]} is all False, which the model reads as the"
+                     " null caption; every caption needs at least one token.")
+  if not np.isfinite(text).all():
+    raise ValueError(f"{where}: text holds NaN or inf.")
+  return PrecomputedText(tuple(str(c) for c in captions), text, mask)
+
+
+def encode_captions(encoder: words.WordEncoder | PrecomputedText,
+                    captions) -> dict[str, jax.Array]:
   """Captions -> the conditioning of sampling, {"text" [B, L, D], "mask" [B, L]}."""
+  if isinstance(encoder, PrecomputedText):
+    rows = encoder.rows(captions, "the precomputed text")
+    return {"text": jnp.asarray(encoder.text[rows], jnp.float32),
+            "mask": jnp.asarray(encoder.mask[rows])}
   ids, mask = encoder.tokenize(captions)
   return {"text": jax.jit(encoder.encode)(ids, mask), "mask": mask}
 
