@@ -52,6 +52,8 @@ def main() -> None:
   entries = read_captions(args.captions)
   captions = [caption for _, caption in entries]
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+  if tokenizer.pad_token is None:  # Llama's and others': pad with EOS, masked out anyway
+    tokenizer.pad_token = tokenizer.eos_token
   lengths = [len(ids) for ids in tokenizer(captions)["input_ids"]]
   too_long = [(line, n) for (line, _), n in zip(entries, lengths) if n > args.max_length]
   if too_long:
@@ -59,9 +61,13 @@ def main() -> None:
     sys.exit(f"--captions line {line} has {n} tokens, more than --max_length={args.max_length}"
              f" ({len(too_long)} captions in all): raise --max_length (and the model's"
              " text_length) or shorten them.")
-  model = transformers.AutoModel.from_pretrained(args.model, torch_dtype=torch.float32)
-  if model.config.is_encoder_decoder:
-    model = model.get_encoder()
+  config = transformers.AutoConfig.from_pretrained(args.model)
+  if config.model_type == "t5":  # the encoder's weights only
+    model = transformers.T5EncoderModel.from_pretrained(args.model, torch_dtype=torch.float32)
+  else:
+    model = transformers.AutoModel.from_pretrained(args.model, torch_dtype=torch.float32)
+    if config.is_encoder_decoder:
+      model = model.get_encoder()
   model.to(args.device).eval()
 
   texts, masks = [], []

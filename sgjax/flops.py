@@ -153,13 +153,14 @@ def _trdit_shared_flops(cfg, kept: list[int], same_labels: bool) -> Flops:
   n, w = cfg.num_tokens, cfg.width
   first = min((route.start for route in cfg.routes), default=cfg.depth)
   if not same_labels:  # cfg: the null caption. In the vmapped call (equal token counts) the
-    # work on x and t is shared, and so is block 0's self-attention, before the text enters,
-    # unless a route starting at block 0 gives each branch other tokens.
+    # work on x and t is shared, and so is block 0 up to the text: its self-attention and its
+    # cross-attention's queries, unless a route starting at block 0 gives each branch other
+    # tokens.
     if kept[0] != kept[1]:
       return Flops(0.0, 0.0)
     shared = _trdit_time_flops(cfg)
     if first > 0 or kept[0] == n:
-      shared += 4 * _linear(n, w, w) + _attention(n, n, w)
+      shared += 5 * _linear(n, w, w) + _attention(n, n, w)
     return shared
   if kept == [n, n]:
     return forward_flops(cfg, 0.0)

@@ -173,7 +173,7 @@ def check_same_run(out: str, spec: dict) -> None:
     spec = json.loads(json.dumps(spec))  # tuples as lists, as saved
     if saved != spec:
       changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
-      raise ValueError(f"--out={out!r} holds latents made with other settings ({changed});"
+      raise ValueError(f"--out={out!r} holds records made with other settings ({changed});"
                        " use another folder or the same settings to resume.")
   elif jax.process_index() == 0:  # atomically: other hosts may be reading it
     with open(path + ".tmp", "w") as f:

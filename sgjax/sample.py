@@ -300,6 +300,8 @@ def run(workdir: str, guidance: guidance_lib.GuidanceConfig, out: str, *, step=N
                              aux_model=aux_model, mesh=mesh, nested=nested)
   info = {"workdir": paths.join(workdir), "ema": ema, "nested": nested,
           "aux_workdir": aux_workdir and paths.join(aux_workdir), **steps_info}
+  if text_npz is not None:
+    info["text_npz"] = {"path": paths.join(text_npz), "sha256": encoder.sha256}
   decode = latent_decoder(config, mesh, vae)
   if latent_scale_of(config) is not None and decode is None:
     logging.info("no VAE given (--vae or data.vae): writing latents.npz, not images")

@@ -117,7 +117,7 @@ def run_sweep(workdir: str, settings: list[guidance_lib.GuidanceConfig], out: st
   if prompts is not None:
     spec["prompts"] = prompts
   if text_npz is not None:
-    spec["text_npz"] = paths.join(text_npz)
+    spec["text_npz"] = {"path": paths.join(text_npz), "sha256": encoder.sha256}
   if latent_scale is not None:  # the decoder is part of what made the images
     spec["vae"] = paths.join(vae or config["data"]["vae"])
   aux_spec, aux_cfg = {}, None

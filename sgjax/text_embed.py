@@ -26,13 +26,9 @@ Text (`--encoder`):
     mask      bool  [N, L]     True on real tokens (the tokenizer's attention mask);
     captions  str   [N]        the captions, as np.array(captions, dtype=str): equal, in order,
                                to the captions file's non-blank lines.
-  e.g. with Hugging Face transformers, batch by batch of the captions:
-    ids = tokenizer(batch, padding="max_length", max_length=L, return_tensors="pt")
-    text = T5EncoderModel(...)(**ids).last_hidden_state  # or, for Gemma 3,
-    text = model(**ids, output_hidden_states=True).hidden_states[-1]
-    mask = ids.attention_mask.bool()
-  and check that no caption is longer than L tokens (do not truncate silently). The whole
-  file is read into memory: split a larger dataset into parts, each with its own --out.
+  `launch/embed_captions_hf.py` writes it from a local Hugging Face checkpoint (T5's encoder,
+  Gemma 3, Llama, ...), refusing captions longer than L tokens. The whole file is read into
+  memory: split a larger dataset into parts, each with its own --out.
 With `--config`, L and D must be its model.text_length and model.text_width.
 
 Images: with `--vae` (a diffusers AutoencoderKL folder) they go through ADM's center crop to
@@ -45,7 +41,10 @@ without, they are stored in pixel space as a fixed `latent` float16 [R, R, 3] in
 Each record (`sgjax.data.sources.encode_latent_record`) holds the latent (or mean and std),
 the label if any, `text` [L, D] (`--text_dtype`, float16 by default; the model computes
 in float32), `mask` bool [L], `caption` (a numpy str) and `index` (the caption's position).
-Every input is checked before anything is encoded or compiled. As in `sgjax.latents`, a
+Every input is checked before anything is encoded or compiled, except that an image file
+which exists but does not decode stops the run when its shard is written (naming it; fix it
+and run again: complete shards are kept; with several hosts, stop the job). As in
+`sgjax.latents`, a
 shard is written to a temporary file and renamed when complete; running again with the same
 inputs skips complete shards, while an --out holding other records is refused; every host
 sees the same --out and writes shards i, i + n, ... of n. OUT/manifest.json records the
@@ -178,8 +177,8 @@ def _npz_text(file: str, entries: list[Caption], model_cfg, text_dtype: str):
   if np.abs(text).max() > limit:
     raise ValueError(f"{where}: text reaches {np.abs(text).max():.4g}, beyond {text_dtype}'s"
                      " range: use --text_dtype=float32.")
-  spec = {"encoder": f"npz:{os.path.abspath(file)}", "text_length": int(length),
-          "text_width": int(width)}
+  spec = {"encoder": f"npz:{os.path.abspath(file)}", "npz_sha256": hidden.sha256,
+          "text_length": int(length), "text_width": int(width)}
   return (lambda rows: (text[rows], mask[rows])), spec
 
 
@@ -200,11 +199,11 @@ def _image_spec(config, vae_cfg, resolution: int | None) -> dict:
       raise ValueError(f"--resolution={resolution} gives {resolution // factor}x"
                        f"{resolution // factor} {space}, but the config's model.input_size is"
                        f" {model.input_size}: use --resolution={model.input_size * factor}.")
-    scale = vae_cfg.scaling_factor if vae_cfg else 1.0
-    if vae_cfg and abs(config.data.latent_scale - scale) > 1e-9:
+    if vae_cfg and abs(config.data.latent_scale - vae_cfg.scaling_factor) > 1e-9:
       raise ValueError(f"the config's data.latent_scale={config.data.latent_scale}, but"
-                       f" records of {space} train at {scale}: pass"
-                       f" --config.data.latent_scale={scale} (here and to sgjax.train).")
+                       f" records of {space} train at {vae_cfg.scaling_factor}: pass"
+                       f" --config.data.latent_scale={vae_cfg.scaling_factor} (here and to"
+                       " sgjax.train).")
   if resolution is None:
     raise ValueError("--resolution is needed without --config.")
   if resolution < 1 or resolution % factor:

@@ -8,6 +8,7 @@ import types
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -154,6 +155,9 @@ def test_vae_records_hold_the_posterior_of_the_cropped_image(tmp_path):
   records = read_back(str(tmp_path / "out"))
   mean, std = vae_lib.load(VAE_DIR).encode(jnp.asarray(sources.from_uint8(pixels)))
   chex.assert_trees_all_close((records["image"], records["std"]), (mean, std), atol=1e-5)
+  pattern = str(tmp_path / "out" / "train-*.array_record")
+  with pytest.raises(ValueError, match="holds VAE posteriors .* data.source=latents"):
+    sources.make_source(ml_collections.ConfigDict({"source": "records", "path": pattern}))
 
 
 def _write(path, text):
@@ -244,9 +248,13 @@ def test_rerun_skips_complete_shards_and_other_settings_are_refused(tmp_path):
 
   with pytest.raises(ValueError, match=r"other settings \(\['num_shards', 'shard_size'\]\)"):
     run(shard_size=6)
+  np.savez(tmp_path / "enc.npz", **hidden_states(captions, seed=1))  # other hidden states
+  with pytest.raises(ValueError, match=r"other settings \(\['npz_sha256'\]\)"):
+    run()
   _replace_line(captions_file, 1, json.dumps({"image": "img/0.png", "caption": captions[1]}))
   np.savez(tmp_path / "enc.npz", **hidden_states([captions[1]] + captions[1:]))
-  with pytest.raises(ValueError, match=r"other settings \(\['captions_sha256'\]\)"):
+  with pytest.raises(ValueError,
+                     match=r"other settings \(\['captions_sha256', 'npz_sha256'\]\)"):
     run()
   os.makedirs(tmp_path / "other")
   (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -188,7 +188,12 @@ def make_source(data_cfg, split: str = "train", model_cfg=None):
   if kind == "latents":
     return LatentSource(data_cfg.path, data_cfg.latent_scale)
   if kind == "records":  # the latents schema holding pixels
-    return LatentSource(data_cfg.path, 1.0)
+    source = LatentSource(data_cfg.path, 1.0)
+    if "std" in source[0]:
+      raise ValueError(f"data.path={data_cfg.path!r} holds VAE posteriors (mean, std), not"
+                       " pixels: train with data.source=latents, data.vae and the VAE's"
+                       " data.latent_scale.")
+    return source
   if kind == "scenes":  # captioned digit scenes (text-to-image demo)
     from sgjax.data import scenes  # pylint: disable=g-import-not-at-top
     return scenes.SceneSource(split, data_cfg.size, 0)

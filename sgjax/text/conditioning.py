@@ -13,6 +13,8 @@ config.text.encoder:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,7 @@ class PrecomputedText:
   captions: tuple[str, ...]
   text: np.ndarray
   mask: np.ndarray
+  sha256: str  # of the file: what a resumed job compares
 
   def rows(self, captions, where: str) -> np.ndarray:
     """The row of each caption; refuses captions the file does not hold."""
@@ -79,8 +82,8 @@ def load_hidden_states(path: str, where: str) -> PrecomputedText:
   """An .npz of `text`, `mask` and `captions` (no pickled objects), checked: shapes agree,
   every mask row holds a token (an all-False row is the null caption), text is finite."""
   try:
-    with paths.resolve(path).open("rb") as f:
-      data = dict(np.load(f))
+    raw = paths.resolve(path).read_bytes()
+    data = dict(np.load(io.BytesIO(raw)))
   except FileNotFoundError:
     raise FileNotFoundError(f"{where}: no such file.") from None
   except ValueError as e:  # an object array (needs pickle) or a file that is no .npz
@@ -91,6 +94,8 @@ def load_hidden_states(path: str, where: str) -> PrecomputedText:
     raise ValueError(f"{where} lacks {missing} (it has {sorted(data)}): write text [N, L, D],"
                      " mask [N, L] and captions [N] (see launch/embed_captions_hf.py).")
   text, mask, captions = data["text"], data["mask"], data["captions"]
+  if not len(text):
+    raise ValueError(f"{where} holds no caption (0 rows of text).")
   if text.ndim != 3 or not np.issubdtype(text.dtype, np.floating):
     raise ValueError(f"{where}: text is {text.dtype} {text.shape}; expected float [N, L, D].")
   if mask.shape != text.shape[:2] or mask.dtype != bool:
@@ -103,9 +108,13 @@ def load_hidden_states(path: str, where: str) -> PrecomputedText:
   if len(empty):
     raise ValueError(f"{where}: mask row {empty[0]} is all False, which the model reads as the"
                      " null caption; every caption needs at least one token.")
-  if not np.isfinite(text).all():
-    raise ValueError(f"{where}: text holds NaN or inf.")
-  return PrecomputedText(tuple(str(c) for c in captions), text, mask)
+  bad = np.flatnonzero(~np.isfinite(text).all(axis=(1, 2)))
+  if len(bad):
+    raise ValueError(f"{where}: text row {bad[0]} holds NaN or inf ({len(bad)} rows): float16"
+                     " overflows for some encoders; write float32 (embed_captions_hf.py"
+                     " --dtype=float32).")
+  return PrecomputedText(tuple(str(c) for c in captions), text, mask,
+                         hashlib.sha256(raw).hexdigest())
 
 
 def encode_captions(encoder: words.WordEncoder | PrecomputedText,
