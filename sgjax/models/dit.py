@@ -491,24 +491,35 @@ class DiT(nnx.Module):
 
   def _routed_blocks(self, streams, c, branch_subsets):
     """Each branch's token stream through the blocks, TREAD routes applied."""
-    routes = self.cfg.routes
-    by_start = {route.start: r for r, route in enumerate(routes)}
-    i = 0
-    while i < len(self.blocks):
-      r = by_start.get(i)
-      subsets = [s[r] if s and r is not None else None for s in branch_subsets]
-      if all(subset is None for subset in subsets):
-        streams = run_packed(block_fn(self.blocks[i], c, self.cfg.remat), streams)
-        i += 1
-        continue
-      # TREAD: blocks start..end see the kept tokens; the others skip them unchanged.
-      kept = [h if s is None else sparsity.gather(h, s.keep) for h, s in zip(streams, subsets)]
-      for j in range(routes[r].start, routes[r].end + 1):
-        kept = run_packed(block_fn(self.blocks[j], c, self.cfg.remat), kept)
-      streams = [k if s is None else sparsity.merge(k, sparsity.gather(h, s.drop), s)
-                 for h, k, s in zip(streams, kept, subsets)]
-      i = routes[r].end + 1
-    return streams
+    return run_routed(lambda i: block_fn(self.blocks[i], c, self.cfg.remat), len(self.blocks),
+                      self.cfg.routes, streams, branch_subsets)
+
+
+def run_routed(layer, depth: int, routes, streams: Sequence[jax.Array],
+               branch_subsets, *aligned: Sequence[jax.Array]) -> list[jax.Array]:
+  """Each branch's token stream through `depth` layers, TREAD routes applied, the branches
+  packed (`run_packed`). `layer(i)` is layer i as `fn(x, groups, *aligned)`; branch b's
+  `branch_subsets[b][r]` is its TokenSubset for route r (None: keep every token). `aligned`:
+  per-stream arrays that go with the tokens (positions), gathered with the kept ones."""
+  by_start = {route.start: r for r, route in enumerate(routes)}
+  i = 0
+  while i < depth:
+    r = by_start.get(i)
+    subsets = [s[r] if s and r is not None else None for s in branch_subsets]
+    if all(subset is None for subset in subsets):
+      streams = run_packed(layer(i), streams, *aligned)
+      i += 1
+      continue
+    # TREAD: layers start..end see the kept tokens; the others skip them unchanged.
+    keep = lambda arrays: [a if s is None else sparsity.gather(a, s.keep)
+                           for a, s in zip(arrays, subsets)]
+    kept, kept_aligned = keep(streams), [keep(arrays) for arrays in aligned]
+    for j in range(routes[r].start, routes[r].end + 1):
+      kept = run_packed(layer(j), kept, *kept_aligned)
+    streams = [k if s is None else sparsity.merge(k, sparsity.gather(h, s.drop), s)
+               for h, k, s in zip(streams, kept, subsets)]
+    i = routes[r].end + 1
+  return streams
 
 
 def route_rates(cfg: DiTConfig, gamma: float | None) -> tuple[float, ...]:

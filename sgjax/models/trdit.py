@@ -330,26 +330,10 @@ class TRDiT(nnx.Module):
 
       return run
 
-    streams = [h] * len(branch_subsets)
-    stream_positions = [positions] * len(branch_subsets)
-    by_start = {route.start: r for r, route in enumerate(cfg.routes)}
-    i = 0
-    while i < cfg.depth:
-      r = by_start.get(i)
-      subsets = [s[r] if s and r is not None else None for s in branch_subsets]
-      if all(subset is None for subset in subsets):
-        streams = dit.run_packed(layer(self.blocks[i]), streams, stream_positions)
-        i += 1
-        continue
-      # The route's blocks see each branch's kept image tokens with their own grid positions.
-      kept = [h if s is None else sparsity.gather(h, s.keep) for h, s in zip(streams, subsets)]
-      kept_positions = [p if s is None else sparsity.gather(p, s.keep)
-                        for p, s in zip(stream_positions, subsets)]
-      for j in range(cfg.routes[r].start, cfg.routes[r].end + 1):
-        kept = dit.run_packed(layer(self.blocks[j]), kept, kept_positions)
-      streams = [k if s is None else sparsity.merge(k, sparsity.gather(h, s.drop), s)
-                 for h, k, s in zip(streams, kept, subsets)]
-      i = cfg.routes[r].end + 1
+    # The routes' blocks see each branch's kept image tokens with their own grid positions.
+    streams = dit.run_routed(lambda i: layer(self.blocks[i]), cfg.depth, cfg.routes,
+                             [h] * len(branch_subsets), branch_subsets,
+                             [positions] * len(branch_subsets))
     shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2, -1)
     outs = dit.run_packed(
         lambda h, _: self.final(dit.modulate(self.final_norm(h), shift, scale)), streams)
