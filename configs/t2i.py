@@ -12,8 +12,10 @@ records holding each latent with its caption's hidden states ("text", [256, 2560
 demo: captioned scenes of two coloured digits on a 2x2 canvas of 8x8 cells ("a red 3 left
 of a blue 7"; `sgjax/data/scenes.py`), 16x16x3 at patch 2 (64 tokens), the built-in word
 encoder (`sgjax/text/words.py`), a width-64 TR-DiT routed 1->4 of 6 at gamma 0.5, 3000
-steps at batch 64 (about 21 minutes alone on 2 CPU cores; it then draws the colours and the
-layout right, digits barely above chance: see the README's results).
+steps at batch 64 (8.5 minutes on 2 CPU cores as launch/t2i_demo.sh runs them). Unlike the
+2.5B model it adds DiT's absolute sin-cos position table to RoPE (model.pos_embed): with
+RoPE alone this model hardly learns which digit to draw in this budget (the README's
+text-to-image results).
 """
 
 import ml_collections
@@ -35,7 +37,7 @@ def get_config(arg=None):
       patch_size=2, width=2048, depth=34, num_heads=16, mlp_multiple=256, text_width=2560,
       text_length=256, refiner_depth=2, sparsity="routing", routes=((2, 30, 0.5),),
       dtype="bfloat16", time_scale=1000.0, rope_theta=10000.0, remat="full",
-      attention="xla"))
+      attention="xla", pos_embed="none"))
   config.flow = ml_collections.ConfigDict(dict(
       time_dist="logit_normal", label_dropout=0.1, mask_weight=0.1))
   config.data = ml_collections.ConfigDict(dict(
@@ -51,7 +53,7 @@ def get_config(arg=None):
   if demo:
     config.model.update(input_size=16, in_channels=3, width=64, depth=6, num_heads=4,
                         mlp_multiple=8, text_width=32, text_length=8, routes=((1, 4, 0.5),),
-                        dtype="float32", remat="none")
+                        dtype="float32", remat="none", pos_embed="sincos")
     config.data.update(source="scenes", image_size=16, num_workers=0, latent_scale=1.0,
                        size=100_000)
     config.text.update(encoder="words", vocabulary=" ".join(scenes.VOCABULARY))

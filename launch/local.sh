@@ -13,12 +13,7 @@ RUN="${1:-runs/demo}"
 PY=.venv/bin/python
 mkdir -p "$RUN"
 
-# On CPU, one single-threaded XLA device per core (1, 2 or 4; the batches 128 and 500 split
-# evenly), data-parallel: on 2 cores 1.45x the training throughput and 1.75x CFG's sampling
-# throughput of one multi-threaded device. Ignored on a GPU or TPU.
-CORES=$(nproc)
-DEVICES=$(( CORES >= 4 ? 4 : (CORES >= 2 ? 2 : 1) ))
-export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES --xla_cpu_multi_thread_eigen=false"
+source "$ROOT/launch/cpu_devices.sh"
 
 SECONDS=0
 $PY -m sgjax.train --config=configs/digits.py --workdir="$RUN/model"

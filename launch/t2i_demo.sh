@@ -11,6 +11,7 @@ cd "$ROOT"
 RUN="${1:-runs/t2i_demo}"
 PY=.venv/bin/python
 mkdir -p "$RUN"
+source "$ROOT/launch/cpu_devices.sh"
 
 SECONDS=0
 $PY -m sgjax.train --config=configs/t2i.py:model=demo --workdir="$RUN/model"
@@ -18,7 +19,7 @@ TRAIN_S=$SECONDS
 
 SECONDS=0
 $PY -m sgjax.sweep --workdir="$RUN/model" --metric=scenes --num_samples=400 --batch_size=200 \
-  --steps=40 --out="$RUN/compare" --seeds=0,1,2 \
+  --steps=20 --out="$RUN/compare" --seeds=0,1,2 \
   --grid='rule=none;gamma_strong=0,0.5,0.75' --grid='rule=cfg;omega=1.5,3' \
   --grid='rule=sg;omega=2,4;gamma_strong=0;gamma_weak=0.7' \
   --grid='rule=cfg+sg;omega=2.5;gamma_strong=0.2;gamma_weak=0.7'

@@ -54,11 +54,13 @@ def test_routing_at_gamma_zero_equals_the_dense_forward():
                               atol=1e-6)
 
 
-def test_kept_tokens_rotate_with_their_own_positions():
+@pytest.mark.parametrize("pos_embed", trdit.POS_EMBEDS)
+def test_kept_tokens_rotate_with_their_own_positions(pos_embed):
   """A route that keeps every token in a shuffled order is the dense forward only if each
   token's 2D position travels with it (attention is otherwise order-blind); and with half
-  the tokens kept, the order in which they are kept does not matter."""
-  model = perturbed_model(tiny_trdit())
+  the tokens kept, the order in which they are kept does not matter. With the absolute
+  sin-cos table too, which must be added to the tokens before they are gathered."""
+  model = perturbed_model(tiny_trdit(pos_embed=pos_embed))
   x, t, cond = inputs(model.cfg)
   n = model.cfg.num_tokens
   rng = np.random.default_rng(0)
@@ -71,6 +73,17 @@ def test_kept_tokens_rotate_with_their_own_positions():
   chex.assert_trees_all_close(model(x, t, cond, (subset_from_order(order, half),)),
                               model(x, t, cond, (subset_from_order(reordered, half),)),
                               rtol=1e-6, atol=1e-5)
+
+
+def test_the_absolute_position_table_is_off_by_default_and_checked():
+  rope_only = perturbed_model(tiny_trdit())
+  with_table = nnx.merge(nnx.graphdef(perturbed_model(tiny_trdit(pos_embed="sincos"))),
+                         nnx.state(rope_only))  # no parameters of its own
+  x, t, cond = inputs(rope_only.cfg)
+  assert np.abs(np.asarray(with_table(x, t, cond) - rope_only(x, t, cond))).max() > 1e-3
+  assert t2i.get_config().model.pos_embed == "none"  # the paper's 2.5B model: RoPE only
+  with pytest.raises(ValueError, match=r"model.pos_embed='learned'.*'none', 'sincos'"):
+    tiny_trdit(pos_embed="learned").validate()
 
 
 def test_rope_rotates_rows_and_columns_separately():
