@@ -3,7 +3,8 @@
 # routed TR-DiT with the built-in word encoder, sample unguided (also at inference sparsity),
 # CFG, SG and CFG+SG from the same 100 prompts over three seeds, score every sample with the
 # scene checker (digits, colours, relation) and write RUN/report.md.
-# Re-running reuses everything already done.   Usage: bash launch/t2i_demo.sh [RUN=runs/t2i_demo]
+# Re-running reuses everything already done.
+# Usage: [TRAIN_SEED=0] bash launch/t2i_demo.sh [RUN=runs/t2i_demo]   (TRAIN_SEED: config.seed)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
@@ -14,7 +15,8 @@ mkdir -p "$RUN"
 source "$ROOT/launch/cpu_devices.sh"
 
 SECONDS=0
-$PY -m sgjax.train --config=configs/t2i.py:model=demo --workdir="$RUN/model"
+$PY -m sgjax.train --config=configs/t2i.py:model=demo --config.seed="${TRAIN_SEED:-0}" \
+  --workdir="$RUN/model"
 TRAIN_S=$SECONDS
 
 SECONDS=0
