@@ -57,7 +57,7 @@ def get_config(arg=None):
     config.data.update(source="scenes", image_size=16, num_workers=0, latent_scale=1.0,
                        size=100_000)
     config.text.update(encoder="words", vocabulary=" ".join(scenes.VOCABULARY))
-    config.train.update(batch_size=64, steps=3000, lr=2e-3, b2=0.999, warmup_steps=50,
+    config.train.update(batch_size=64, steps=3000, lr=3e-3, b2=0.999, warmup_steps=50,
                         ema_decay=0.995, log_every=50, ckpt_every=500, keep_ckpts=2)
     config.mesh.preset = "data"
   if arg["runlocal"]:
