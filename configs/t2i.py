@@ -51,13 +51,13 @@ def get_config(arg=None):
   config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1, dcn_data=1))
 
   if demo:
-    config.model.update(input_size=16, in_channels=3, width=64, depth=6, num_heads=4,
+    config.model.update(input_size=16, in_channels=3, width=64, depth=6, num_heads=2,
                         mlp_multiple=8, text_width=32, text_length=8, routes=((1, 4, 0.5),),
                         dtype="float32", remat="none", pos_embed="sincos")
     config.data.update(source="scenes", image_size=16, num_workers=0, latent_scale=1.0,
                        size=100_000)
     config.text.update(encoder="words", vocabulary=" ".join(scenes.VOCABULARY))
-    config.train.update(batch_size=64, steps=3000, lr=3e-3, b2=0.999, warmup_steps=50,
+    config.train.update(batch_size=64, steps=3000, lr=2e-3, b2=0.999, warmup_steps=50,
                         ema_decay=0.995, log_every=50, ckpt_every=500, keep_ckpts=2)
     config.mesh.preset = "data"
   if arg["runlocal"]:
