@@ -51,7 +51,7 @@ def get_config(arg=None):
   config.mesh = ml_collections.ConfigDict(dict(preset="fsdp", tensor=1, dcn_data=1))
 
   if demo:
-    config.model.update(input_size=16, in_channels=3, width=64, depth=6, num_heads=2,
+    config.model.update(input_size=16, in_channels=3, width=64, depth=6, num_heads=4,
                         mlp_multiple=8, text_width=32, text_length=8, routes=((1, 4, 0.5),),
                         dtype="float32", remat="none", pos_embed="sincos")
     config.data.update(source="scenes", image_size=16, num_workers=0, latent_scale=1.0,
