@@ -9,10 +9,11 @@ AdamW lr 5e-5 with betas (0.9, 0.95), batch 3072, bf16, FSDP. Its text comes pre
 records holding each latent with its caption's hidden states ("text", [256, 2560]: Gemma 3
 4B's width) and mask; set model.text_width / model.text_length to your encoder's.
 
-demo: captioned scenes of two coloured digits on a 2x2 canvas of 8x8 cells ("a red 3 left
-of a blue 7"; `sgjax/data/scenes.py`), 16x16x3 at patch 2 (64 tokens), the built-in word
-encoder (`sgjax/text/words.py`), a width-64 TR-DiT routed 1->4 of 6 at gamma 0.5, 3000
-steps at batch 64 (8.5 minutes on 2 CPU cores as launch/t2i_demo.sh runs them). Unlike the
+demo: captioned scenes of two coloured digits on a 2x2 canvas of 8x8 cells ("a red 3 left of
+a blue 7"; `sgjax/data/scenes.py`), 16x16x3 at patch 2 (64 tokens), the built-in word
+encoder (`sgjax/text/words.py`), a width-64 TR-DiT routed 1->4 of 6 at gamma 0.5, 3000 steps
+at batch 64 (8.6 minutes on a 2-core Intel Xeon as launch/t2i_demo.sh runs them; whether the
+relation words are learned by then depends on the training seed: see the README). Unlike the
 2.5B model it adds DiT's absolute sin-cos position table to RoPE (model.pos_embed): with
 RoPE alone this model hardly learns which digit to draw in this budget (the README's
 text-to-image results).
