@@ -71,7 +71,7 @@ RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.grad_clip", "train.log_eve
 
 # Fields added after runs were first written, with the value those runs had (the model's
 # default): a config without the field compares as if it had it.
-ADDED_FIELDS = {"model.time_scale": 1000.0, "model.arch": "dit"}
+ADDED_FIELDS = {"model.time_scale": 1000.0, "model.arch": "dit", "model.pos_embed": "none"}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

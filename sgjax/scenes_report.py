@@ -17,6 +17,7 @@ from sgjax import logs, paths, stats, sweep
 from sgjax.metrics import scenes
 
 METRICS = sweep.METRICS["scenes"]
+PAIRED = ("full", "digit", "diversity")  # the metrics compared between settings
 
 
 def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
@@ -31,10 +32,9 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
   chance = scenes.chance()
   table = stats.summary_table(rows, METRICS, names, extra=[
       ("GFLOPs/img/step", lambda row: f"{row['gflops_true']:.4f}")])
-  diffs = stats.paired_table(rows, names, base, ("full", "diversity"), skip=unguided)
+  diffs = stats.paired_table(rows, names, base, PAIRED, skip=unguided)
   if cfg is not None:
-    diffs += ["", *stats.paired_table(rows, names, cfg, ("full", "diversity"),
-                                      skip=unguided)]
+    diffs += ["", *stats.paired_table(rows, names, cfg, PAIRED, skip=unguided)]
   model, train = config["model"], config["train"]
   lines = [
       "# sgjax text-to-image demo: compositional digit scenes",
@@ -43,11 +43,14 @@ def write_report(run: str, train_seconds: float, sweep_seconds: float) -> str:
       f" cores), jax {jax.__version__} on {jax.devices()[0].platform}, by"
       " `bash launch/t2i_demo.sh`.",
       "",
-      f"Model: TR-DiT, {model['depth']} blocks, width {model['width']}, routed"
+      f"Model: TR-DiT, {model['depth']} blocks, width {model['width']},"
+      f" {model['num_heads']} heads, positions: RoPE"
+      f"{' + sin-cos table' if model.get('pos_embed') == 'sincos' else ''}, routed"
       f" {model['routes']} (start, end, gamma), patch {model['patch_size']} on"
       f" {model['input_size']}x{model['input_size']}x{model['in_channels']} scenes, the"
       f" built-in word encoder; {train['steps']} steps at batch {train['batch_size']}"
-      f" ({train_seconds:.0f} s). Sampling and evaluation: {sweep_seconds:.0f} s.",
+      f", training seed {config['seed']} ({train_seconds:.0f} s). Sampling and evaluation:"
+      f" {sweep_seconds:.0f} s.",
       "",
       f"Each setting: the same prompts and noise per seed, {seeds} seeds; mean ± 95% interval"
       " over the seeds (Student's t). full: fraction of images right in both digits, both"

@@ -199,12 +199,15 @@ def test_an_imported_step_0_may_change_everything_but_the_model():
     config_lib.resume_changes(saved, {**current, "model": {"width": 64}}, step=0)
 
 
-def test_runs_written_before_time_scale_existed_resume_with_its_old_value():
+@pytest.mark.parametrize("field, old_value, other", [("time_scale", 1000.0, 1.0),
+                                                      ("pos_embed", "none", "sincos")])
+def test_runs_written_before_a_field_existed_resume_with_its_old_value(field, old_value,
+                                                                      other):
   old_run = {"model": {"width": 32}}
-  assert config_lib.resume_changes(old_run, {"model": {"width": 32, "time_scale": 1000.0}},
+  assert config_lib.resume_changes(old_run, {"model": {"width": 32, field: old_value}},
                                    step=10) == []
-  with pytest.raises(ValueError, match="model.time_scale: 1000.0 -> 1.0"):
-    config_lib.resume_changes(old_run, {"model": {"width": 32, "time_scale": 1.0}}, step=10)
+  with pytest.raises(ValueError, match=f"model.{field}: {old_value!r} -> {other!r}"):
+    config_lib.resume_changes(old_run, {"model": {"width": 32, field: other}}, step=10)
 
 
 def test_class_tables_without_a_null_class_get_one_and_sit_args_are_checked(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from sgjax import paths, report, stats, sweep
+from sgjax import paths, report, scenes_report, stats, sweep
 
 SEEDS = (0, 1, 2)
 
@@ -38,7 +38,7 @@ def _setting(spec):
   return setting
 
 
-def _rows(settings, metric_of):
+def _rows(settings, metric_of, metrics=sweep.METRICS["digits"]):
   """One sweep row per setting and seed, as run_sweep returns them (no sampling)."""
   rows = []
   for setting in settings:
@@ -46,7 +46,7 @@ def _rows(settings, metric_of):
       row = {name: getattr(setting, name) for name in sweep.SETTING_COLUMNS}
       row.update(slug=setting.slug, seed=seed, gflops_true=1.0 + setting.omega,
                  gflops_paper=0.5, nfe=40, images_per_s=10.0 + seed)
-      row.update({m: metric_of(setting, seed, m) for m in sweep.METRICS["digits"]})
+      row.update({m: metric_of(setting, seed, m) for m in metrics})
       rows.append(row)
   return rows
 
@@ -103,3 +103,34 @@ def test_sweep_outputs_and_demo_report_carry_intervals_and_paired_differences(tm
   for name in ("front_class_accuracy_vs_recall.png", "pareto_fid.png", "sparsity_unguided.png"):
     assert f"(compare/{name})" in text
   assert "nan" not in text.lower()
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", None])
+def test_text_to_image_report_names_the_model_and_pairs_full_digit_and_diversity(
+    tmp_path, pos_embed):
+  settings = [_setting(spec) for spec in (
+      "rule=none", "rule=none;gamma_strong=0.5", "rule=cfg;omega=1.5",
+      "rule=sg;omega=4;gamma_strong=0;gamma_weak=0.7")]
+  seed_effect = {0: 0.3, 1: 0.5, 2: 0.4}
+  offsets = {s.slug: 0.01 * i for i, s in enumerate(settings)}
+  rows = _rows(settings, lambda setting, seed, _: seed_effect[seed] + offsets[setting.slug],
+               sweep.METRICS["scenes"])
+  run = tmp_path / "t2i"
+  sweep.write_outputs(rows, str(run / "compare"), sweep.METRICS["scenes"],
+                      sweep.FRONTS["scenes"])
+  model = dict(depth=2, width=8, num_heads=2, routes=[[1, 2, 0.5]], patch_size=2,
+               input_size=16, in_channels=3, pos_embed=pos_embed)
+  if pos_embed is None:  # a run written before the field existed
+    del model["pos_embed"]
+  paths.write_json(str(run / "model" / "config.json"), {
+      "seed": 7, "model": model, "train": dict(steps=5, batch_size=4)})
+  text = paths.read_text(scenes_report.write_report(str(run), train_seconds=12.0,
+                                                    sweep_seconds=34.0))
+  positions = "RoPE + sin-cos table" if pos_embed else "RoPE"
+  assert f"2 heads, positions: {positions}, routed" in text
+  assert "5 steps at batch 4, training seed 7 (12 s)" in text
+  versus_none, versus_cfg = text.split("Paired differences")[1].split("\n\n| setting")[1:3]
+  assert "| full - (none) | digit - (none) | diversity - (none) |" in versus_none
+  assert "| sg omega=4 gamma=0/0.7 | " + " | ".join(["0.030 ± 0.000"] * 3) + " |" in versus_none
+  assert "| sg omega=4 gamma=0/0.7 | " + " | ".join(["0.010 ± 0.000"] * 3) + " |" in versus_cfg
+  assert "| none gamma=0.5" not in versus_cfg

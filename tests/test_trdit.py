@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import t2i
 from sgjax import config as config_lib, guidance as guidance_lib, plan, sampling
-from sgjax.models import trdit
+from sgjax.models import dit, trdit
 from sgjax.sparsity import Route, TokenSubset
 from sgjax.text import conditioning, words
 from tests.helpers import perturbed_model
@@ -75,12 +75,26 @@ def test_kept_tokens_rotate_with_their_own_positions(pos_embed):
                               rtol=1e-6, atol=1e-5)
 
 
-def test_the_absolute_position_table_is_off_by_default_and_checked():
+class _PlusTable(nnx.Module):
+  """A patch embedding followed by DiT's sin-cos table: where pos_embed='sincos' adds it."""
+
+  def __init__(self, embed, cfg):
+    self.embed, self.table = embed, dit.sincos_pos_embed(cfg.width, cfg.grid_size)
+
+  def __call__(self, patches):
+    return self.embed(patches) + self.table
+
+
+def test_the_absolute_position_table_is_added_to_the_patch_tokens_and_off_by_default():
   rope_only = perturbed_model(tiny_trdit())
   with_table = nnx.merge(nnx.graphdef(perturbed_model(tiny_trdit(pos_embed="sincos"))),
                          nnx.state(rope_only))  # no parameters of its own
   x, t, cond = inputs(rope_only.cfg)
-  assert np.abs(np.asarray(with_table(x, t, cond) - rope_only(x, t, cond))).max() > 1e-3
+  subsets = rope_only.draw_subsets(jax.random.key(1), 2, gamma=0.5)
+  got = with_table(x, t, cond, subsets)
+  assert np.abs(np.asarray(got - rope_only(x, t, cond, subsets))).max() > 1e-3
+  rope_only.patch_embed = _PlusTable(rope_only.patch_embed, rope_only.cfg)
+  chex.assert_trees_all_close(got, rope_only(x, t, cond, subsets), rtol=1e-6, atol=1e-6)
   assert t2i.get_config().model.pos_embed == "none"  # the paper's 2.5B model: RoPE only
   with pytest.raises(ValueError, match=r"model.pos_embed='learned'.*'none', 'sincos'"):
     tiny_trdit(pos_embed="learned").validate()

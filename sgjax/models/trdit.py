@@ -13,9 +13,9 @@ their padding mask, and a SwiGLU feed-forward of expansion 8/3 (rounded up to a 
   cross-attention, whose output projection starts at zero.
 - q and k are RMS-normalised per head before RoPE (as in SD3 and Lumina), which keeps
   attention logits bounded in bf16 at this scale.
-- `pos_embed="sincos"` (not the paper's: its 2.5B config keeps "none") also adds DiT's
-  fixed 2D sin-cos table to the patch tokens. RoPE alone is relative, so a token learns
-  where it stands only from the canvas's edges; the digits demo's tiny model, trained for
+- `pos_embed="sincos"` (not the paper's: its 2.5B config keeps "none") also adds DiT's fixed
+  2D sin-cos table to the patch tokens. RoPE alone is relative, so a token learns where it
+  stands only from the canvas's edges; the text-to-image demo's tiny model, trained for
   minutes, does not, and draws digits far better with the table (`configs/t2i.py`).
 
 Text enters as the hidden states of a frozen encoder [B, L, text_width] and their mask
